@@ -1,0 +1,327 @@
+"""The `chartsum` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import click
+import structlog
+from rich.console import Console
+from rich.table import Table
+
+from chartsum.cli_calibrate import calibrate
+from pipelines.errors import ChartsumError, RetryableError
+from pipelines.logs import configure_logging
+from schemas.settings import Settings
+
+console = Console()
+log = structlog.get_logger("chartsum.cli")
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings: Settings = ctx.obj
+    return settings
+
+
+@click.group()
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Summarize hospital stays with a local model."""
+    settings = Settings()
+    configure_logging(settings.logging)
+    ctx.obj = settings
+
+
+@cli.group()
+def model() -> None:
+    """Manage the local model."""
+
+
+@model.command("prepare")
+@click.option(
+    "--target",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder to write (default: the configured model folder).",
+)
+@click.pass_context
+def model_prepare(ctx: click.Context, target: Path | None) -> None:
+    """Turn the shipped SmolLM2 GGUF into a bf16 safetensors folder (offline)."""
+    from pipelines.model import prepare_embedded_model
+
+    settings = _settings(ctx)
+    prepared = prepare_embedded_model(target_dir=target or settings.model_dir)
+    verb = "prepared" if prepared.created else "already prepared"
+    click.echo(f"{verb}: {prepared.path}")
+    click.echo(f"fingerprint: {prepared.fingerprint}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_context
+def ingest(ctx: click.Context, path: Path) -> None:
+    """Load stays from a JSON-lines file; bad lines are reported, good ones kept."""
+    from pipelines.runtime import open_store
+    from pipelines.stays import read_stays_file
+
+    parsed = read_stays_file(path)
+    store = open_store(_settings(ctx))
+    counts = store.ingest(parsed.stays)
+    for error in parsed.errors:
+        click.echo(f"error: {path.name} {error}", err=True)
+    click.echo(
+        f"stays: {counts.added} added, {counts.updated} updated,"
+        f" {counts.unchanged} unchanged, {len(parsed.errors)} rejected"
+    )
+    if parsed.removed_control_chars:
+        click.echo(f"removed {parsed.removed_control_chars} control characters")
+    if parsed.errors:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--stay", "stay_ids", multiple=True, help="Stay id (repeatable).")
+@click.option("--all", "all_stays", is_flag=True, help="Every stored stay.")
+@click.option(
+    "--queue",
+    type=click.Choice(["realtime", "backfill"]),
+    default="realtime",
+    show_default=True,
+)
+@click.pass_context
+def enqueue(
+    ctx: click.Context, stay_ids: tuple[str, ...], all_stays: bool, queue: str
+) -> None:
+    """Create a durable job per stay and send a task carrying its id only."""
+    from pipelines.runtime import open_store
+    from workers.app import create_app
+    from workers.enqueue import enqueue_stays
+
+    settings = _settings(ctx)
+    store = open_store(settings)
+    ids = store.stay_ids() if all_stays else list(stay_ids)
+    if not ids:
+        raise click.UsageError("name at least one --stay, or --all")
+    app = create_app(settings)
+    sent = enqueue_stays(store, app, stay_ids=ids, queue=queue)
+    created = sum(1 for job in sent if job.created)
+    for job in sent:
+        click.echo(f"{job.stay_id}\t{job.job_id}\t{'new' if job.created else 'open'}")
+    click.echo(f"{len(sent)} job(s) sent, {created} new")
+
+
+@cli.command()
+@click.option("--concurrency", type=int, default=None, help="Jobs in flight.")
+@click.option(
+    "--queues",
+    default="chartsum.realtime,chartsum.backfill",
+    show_default=True,
+    help="Queues to consume, most urgent first.",
+)
+@click.pass_context
+def worker(ctx: click.Context, concurrency: int | None, queues: str) -> None:
+    """Run a Celery worker: one engine, many jobs in flight on threads."""
+    from pipelines.runtime import build_summarizer
+    from workers.app import create_app
+    from workers.tasks import install_summarizer
+
+    settings = _settings(ctx)
+    # Start the engine before consuming, so a broken model stops the worker
+    # here with its reason instead of failing every job.
+    install_summarizer(build_summarizer(settings))
+    app = create_app(settings)
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={concurrency or settings.pipeline.worker_concurrency}",
+            f"--queues={queues}",
+            "--loglevel=WARNING",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@cli.command()
+@click.argument(
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=False,
+)
+@click.option("--limit", type=int, default=None, help="Only the first N stays.")
+@click.pass_context
+def run(ctx: click.Context, path: Path | None, limit: int | None) -> None:
+    """The embedded default: ingest, summarize and store, all in this process.
+
+    Without PATH the example stays shipped with chartsum are used.
+    """
+    from pipelines.runtime import build_summarizer
+    from pipelines.stays import iter_example_paths, read_stays_file
+
+    settings = _settings(ctx)
+    path = path or next(iter_example_paths())
+    parsed = read_stays_file(path)
+    for error in parsed.errors:
+        click.echo(f"error: {path.name} {error}", err=True)
+    stays = parsed.stays[:limit] if limit else parsed.stays
+    summarizer = build_summarizer(settings)
+    try:
+        summarizer.store.ingest(stays)
+        jobs = summarizer.store.create_jobs(
+            kind="discharge", stay_ids=[s.stay_id for s in stays], queue="embedded"
+        )
+        started = time.perf_counter()
+        outcomes = _run_jobs(summarizer, [job_id for job_id, _ in jobs], settings)
+        elapsed_s = time.perf_counter() - started
+    finally:
+        summarizer.engine.close()
+    _print_outcomes(outcomes, summarizer.store, elapsed_s)
+    click.echo(f"summaries are in {_safe_url(settings.database_url)}")
+    click.echo("read one with: chartsum show STAY_ID")
+
+
+def _run_jobs(summarizer: Any, job_ids: list[str], settings: Settings) -> list[Any]:
+    from pipelines.summarize import JobOutcome
+
+    def one(job_id: str) -> JobOutcome:
+        for attempt in range(3):
+            try:
+                return summarizer.process_job(job_id)
+            except RetryableError as exc:
+                time.sleep(2**attempt)
+                last = str(exc)
+        return JobOutcome(job_id=job_id, state="queued", error=last)
+
+    workers = max(1, min(settings.pipeline.worker_concurrency, len(job_ids)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, job_ids))
+
+
+def _print_outcomes(outcomes: list[Any], store: Any, elapsed_s: float) -> None:
+    jobs = {job.id: job for job in store.jobs_by_id([o.job_id for o in outcomes])}
+    table = Table(title=f"chartsum run: {len(outcomes)} stays in {elapsed_s:.0f} s")
+    for column in ("stay", "route", "prompt tok", "completion tok", "outcome", "s"):
+        table.add_column(column)
+    for outcome in outcomes:
+        job = jobs.get(outcome.job_id)
+        table.add_row(
+            (job.stay_id if job else outcome.stay_id) or "?",
+            (outcome.route or (job.route if job else None)) or "-",
+            str(outcome.prompt_tokens or (job.prompt_tokens if job else "") or "-"),
+            str(outcome.completion_tokens or "-"),
+            outcome.state if outcome.ran else f"{outcome.state} (earlier)",
+            f"{outcome.duration_ms / 1000:.1f}",
+        )
+    console.print(table)
+    for outcome in outcomes:
+        if outcome.error:
+            console.print(f"[yellow]{outcome.job_id}[/]: {outcome.error}")
+
+
+@cli.command()
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored JSON.")
+@click.pass_context
+def show(ctx: click.Context, key: str, as_json: bool) -> None:
+    """Print the summary of a stay id (newest) or a job id."""
+    from pipelines.runtime import open_store
+    from pipelines.show import render_summary
+
+    store = open_store(_settings(ctx))
+    found = store.find_summary(key)
+    if found is None:
+        job = store.get_job(key)
+        if job is not None:
+            raise click.ClickException(
+                f"job {key} has no summary: {job.state}"
+                + (f" ({job.error})" if job.error else "")
+            )
+        raise click.ClickException(f"no summary for stay or job {key}")
+    summary, job = found
+    if as_json:
+        click.echo(json.dumps(_summary_json(summary, job), indent=2))
+        return
+    console.print(render_summary(summary, job))
+
+
+@cli.command()
+@click.argument("stay_id")
+@click.pass_context
+def route(ctx: click.Context, stay_id: str) -> None:
+    """Explain which route a stay would take, without running the model."""
+    from pipelines.model import model_fingerprint
+    from pipelines.prompts import build_discharge_prompt
+    from pipelines.routing import choose_route
+    from pipelines.runtime import effective_context, open_store
+    from pipelines.tokens import TokenCounter
+
+    settings = _settings(ctx)
+    store = open_store(settings)
+    tokens = TokenCounter.from_model_dir(settings.model_dir)
+    chart = store.load_chart(stay_id)
+    prompt = build_discharge_prompt(chart, tokens=tokens)
+    context = effective_context(
+        settings, model_fingerprint(settings.model_dir), store=store
+    )
+    decision = choose_route(
+        prompt_tokens=prompt.tokens,
+        completion_budget_tokens=settings.pipeline.max_completion_tokens,
+        context=context,
+    )
+    click.echo(f"stay {stay_id}: {len(chart.notes)} notes")
+    click.echo(decision.explain())
+    if context.source == "default":
+        click.echo(
+            "the served model has no calibration, so this is the conservative"
+            " default; run `chartsum calibrate`",
+            err=True,
+        )
+
+
+def _summary_json(summary: Any, job: Any) -> dict[str, Any]:
+    return {
+        "job_id": summary.job_id,
+        "stay_id": summary.stay_id,
+        "kind": summary.kind,
+        "schema_version": summary.schema_version,
+        "model_name": summary.model_name,
+        "model_fingerprint": summary.model_fingerprint,
+        "route": summary.route,
+        "prompt_tokens": summary.prompt_tokens,
+        "completion_tokens": summary.completion_tokens,
+        "input_sha256": summary.input_sha256,
+        "generation_ms": summary.generation_ms,
+        "created_at": summary.created_at.isoformat() if summary.created_at else None,
+        "job_state": job.state,
+        "summary": summary.payload,
+    }
+
+
+def _safe_url(url: str) -> str:
+    # Never print a password that a URL may carry.
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def main() -> None:
+    """Console entry point; reports chartsum's own errors without a traceback."""
+    try:
+        cli(standalone_mode=True)
+    except ChartsumError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+cli.add_command(calibrate)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Errors, grouped by what the caller should do about them.
+
+    ChartsumError
+    ├── RetryableError             try the job again later
+    │   ├── EngineUnavailableError     the model engine cannot be reached
+    │   └── StoreUnavailableError      the database cannot be reached
+    └── PermanentError             retrying will not help; the job ends
+        ├── InvalidStayError           input that breaks the stay format
+        ├── StayNotFoundError          a job names a stay that is not stored
+        ├── NeedsChunkedRouteError     the chart does not fit the effective context
+        ├── CompletionInvalidError     the model never produced a valid summary
+        └── ModelPrepareError          the embedded model cannot be made
+
+Messages name what failed, the ids and limits involved, and what happens
+next. They never quote note text.
+"""
+
+from __future__ import annotations
+
+
+class ChartsumError(Exception):
+    """Base class of every error chartsum raises on purpose."""
+
+
+class RetryableError(ChartsumError):
+    """A failure that may pass: the job is retried with backoff."""
+
+
+class EngineUnavailableError(RetryableError):
+    """The vLLM engine or server did not answer or answered with a server error."""
+
+
+class StoreUnavailableError(RetryableError):
+    """The database refused a connection or a transaction could not commit."""
+
+
+class PermanentError(ChartsumError):
+    """A failure that retrying cannot fix: the job ends with this reason."""
+
+    #: The job state this error leads to.
+    job_state: str = "failed"
+
+
+class InvalidStayError(PermanentError):
+    """A stay record breaks the input format (raised at ingest, with its line)."""
+
+
+class StayNotFoundError(PermanentError):
+    """A job names a stay or patient that the database does not hold."""
+
+
+class NeedsChunkedRouteError(PermanentError):
+    """The single-pass prompt plus completion budget exceeds the effective context."""
+
+
+class CompletionInvalidError(PermanentError):
+    """Every generation attempt was cut off or failed validation."""
+
+    job_state = "needs_review"
+
+
+class ModelPrepareError(PermanentError):
+    """The embedded model's source file is missing, altered, or cannot be converted."""

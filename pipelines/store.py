@@ -1,0 +1,482 @@
+"""The database behind one small class: stays in, jobs and summaries out.
+
+Every write is idempotent, because delivery is at least once: ingesting the
+same stay twice changes nothing, a job is claimed under a lease, and a job
+has at most one summary (a unique key, not a check-then-insert).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipelines.errors import StayNotFoundError, StoreUnavailableError
+from pipelines.stays import Chart, ChartNote, canonical_sha256
+from schemas.stay import StayRecord
+from schemas.tables import (
+    FINAL_STATES,
+    Job,
+    JobState,
+    Note,
+    Patient,
+    Stay,
+    Summary,
+)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
+
+
+@dataclass(frozen=True)
+class IngestCounts:
+    """What an ingest did, stay by stay."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job this delivery holds the lease on."""
+
+    job_id: str
+    kind: str
+    stay_id: str | None
+    patient_id: str | None
+    attempt: int
+    lease_owner: str
+
+
+@dataclass(frozen=True)
+class NewSummary:
+    """A validated summary ready to be written with its job."""
+
+    job_id: str
+    kind: str
+    stay_id: str | None
+    patient_id: str | None
+    schema_version: str
+    payload: dict[str, Any]
+    model_name: str
+    model_fingerprint: str
+    route: str
+    prompt_tokens: int
+    completion_tokens: int
+    input_sha256: str
+    generation_ms: int
+    total_ms: int
+
+
+def utcnow() -> datetime:
+    """The current time in UTC (one clock for leases everywhere)."""
+    return datetime.now(UTC)
+
+
+class ChartStore:
+    """Stays, notes, jobs and summaries in PostgreSQL or SQLite.
+
+    Args:
+        url: SQLAlchemy URL (``postgresql+psycopg://...`` or ``sqlite:///...``).
+        pool_size: Connections kept open per process (PostgreSQL only).
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+        self.url = url
+        self.engine = _make_engine(url, pool_size=pool_size)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (safe to repeat)."""
+        from alembic import command
+        from alembic.config import Config
+
+        if self.url.startswith("sqlite:///"):
+            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(
+                parents=True, exist_ok=True
+            )
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        config.attributes["connection_url"] = self.url
+        with self._translate_errors():
+            command.upgrade(config, "head")
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    def ingest(self, stays: Sequence[StayRecord]) -> IngestCounts:
+        """Store stays with their notes; unchanged stays are left as they are.
+
+        A stay whose content changed gets its notes replaced, so its next
+        summary is made from the new chart (summaries keep the hash of the
+        chart they were made from).
+        """
+        added = updated = unchanged = 0
+        with self._session() as session:
+            for record in stays:
+                digest = canonical_sha256(record)
+                existing = session.get(Stay, record.stay_id)
+                if existing is not None and existing.content_sha256 == digest:
+                    unchanged += 1
+                    continue
+                _upsert_patient(session, record)
+                row = _stay_row(record, digest)
+                if existing is not None:
+                    # Update in place: jobs and summaries keep pointing at it.
+                    session.query(Note).filter_by(stay_id=record.stay_id).delete()
+                    for column in Stay.__table__.columns.keys():  # noqa: SIM118
+                        if column not in ("id", "ingested_at"):
+                            setattr(existing, column, getattr(row, column))
+                    updated += 1
+                else:
+                    session.add(row)
+                    added += 1
+                session.flush()
+                session.add_all(_note_rows(record))
+        return IngestCounts(added, updated, unchanged)
+
+    def stay_ids(self) -> list[str]:
+        """Every stored stay id, sorted."""
+        with self._session() as session:
+            return list(session.scalars(select(Stay.id).order_by(Stay.id)))
+
+    def load_chart(self, stay_id: str) -> Chart:
+        """A stay with its notes in chart order.
+
+        Raises:
+            StayNotFoundError: No stay has this id.
+        """
+        with self._session() as session:
+            stay = session.get(Stay, stay_id)
+            if stay is None:
+                raise StayNotFoundError(f"stay {stay_id} is not in the database")
+            notes = session.scalars(
+                select(Note).filter_by(stay_id=stay_id).order_by(Note.position)
+            )
+            chart_notes = tuple(
+                ChartNote(n.id, n.note_type, n.charted_at, n.text) for n in notes
+            )
+            return Chart(
+                stay_id=stay.id,
+                patient_id=stay.patient_id,
+                content_sha256=stay.content_sha256,
+                encounter_class=stay.encounter_class,
+                reason_for_visit=stay.reason_for_visit,
+                admit_time=stay.admit_time,
+                discharge_time=stay.discharge_time,
+                record=stay.record,
+                notes=chart_notes,
+            )
+
+    def create_jobs(
+        self, *, kind: str, stay_ids: Sequence[str], queue: str
+    ) -> list[tuple[str, bool]]:
+        """Create one job per stay, reusing a job still queued or running.
+
+        Returns:
+            (job id, created) per stay, in the order given.
+
+        Raises:
+            StayNotFoundError: A stay id is not stored; no job is created.
+        """
+        results: list[tuple[str, bool]] = []
+        with self._session() as session:
+            known = set(session.scalars(select(Stay.id).where(Stay.id.in_(stay_ids))))
+            missing = [stay_id for stay_id in stay_ids if stay_id not in known]
+            if missing:
+                raise StayNotFoundError(
+                    f"{len(missing)} stay id(s) not in the database, e.g."
+                    f" {missing[0]}; ingest them first"
+                )
+            open_jobs = dict(
+                session.execute(
+                    select(Job.stay_id, Job.id).where(
+                        Job.stay_id.in_(stay_ids),
+                        Job.kind == kind,
+                        Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
+                    )
+                ).all()
+            )
+            for stay_id in stay_ids:
+                if stay_id in open_jobs:
+                    results.append((open_jobs[stay_id], False))
+                    continue
+                job_id = str(uuid.uuid4())
+                session.add(
+                    Job(
+                        id=job_id,
+                        kind=kind,
+                        stay_id=stay_id,
+                        state=JobState.QUEUED,
+                        queue=queue,
+                        attempts=0,
+                        generation_attempts=0,
+                    )
+                )
+                open_jobs[stay_id] = job_id
+                results.append((job_id, True))
+        return results
+
+    def claim_job(
+        self, job_id: str, *, lease_s: int, owner: str | None = None
+    ) -> ClaimedJob | None:
+        """Take the lease on a job for this delivery.
+
+        A job can be claimed when it is queued, or running with an expired
+        lease (its worker died). One UPDATE decides, so two deliveries of the
+        same job cannot both win.
+
+        Returns:
+            The claimed job, or None when the job is final, leased by another
+            delivery, or unknown.
+        """
+        owner = owner or uuid.uuid4().hex
+        now = utcnow()
+        with self._session() as session:
+            claimable = (Job.state == JobState.QUEUED) | (
+                (Job.state == JobState.RUNNING) & (Job.lease_until < now)
+            )
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, claimable)
+                .values(
+                    state=JobState.RUNNING,
+                    attempts=Job.attempts + 1,
+                    lease_owner=owner,
+                    lease_until=now + timedelta(seconds=lease_s),
+                    started_at=func.coalesce(Job.started_at, now),
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            job = session.get(Job, job_id)
+            assert job is not None
+            return ClaimedJob(
+                job.id, job.kind, job.stay_id, job.patient_id, job.attempts, owner
+            )
+
+    def release_job(self, job_id: str, *, owner: str, error: str) -> None:
+        """Hand a job back to the queue after a failure that may pass."""
+        with self._session() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_owner == owner)
+                .values(
+                    state=JobState.QUEUED,
+                    lease_owner=None,
+                    lease_until=None,
+                    error_code="retrying",
+                    error=error,
+                )
+            )
+
+    def record_route(
+        self,
+        job_id: str,
+        *,
+        route: str,
+        prompt_tokens: int,
+        completion_budget_tokens: int,
+        effective_context_tokens: int,
+        context_source: str,
+    ) -> None:
+        """Keep why the job took its route, for operators and `chartsum route`."""
+        with self._session() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(
+                    route=route,
+                    prompt_tokens=prompt_tokens,
+                    completion_budget_tokens=completion_budget_tokens,
+                    effective_context_tokens=effective_context_tokens,
+                    context_source=context_source,
+                )
+            )
+
+    def count_generation_attempt(self, job_id: str) -> None:
+        """Add one to the job's generation attempts."""
+        with self._session() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(generation_attempts=Job.generation_attempts + 1)
+            )
+
+    def complete_job(self, summary: NewSummary) -> bool:
+        """Write the summary and mark its job succeeded, in one transaction.
+
+        Returns:
+            True if this call wrote the summary, False if the job already had
+            one (a redelivered job: nothing is written twice).
+        """
+        with self._session() as session:
+            insert = _insert_for(self.engine)
+            result = session.execute(
+                insert(Summary)
+                .values(**summary.__dict__)
+                .on_conflict_do_nothing(index_elements=["job_id"])
+                .returning(Summary.id)
+            )
+            written = result.first() is not None
+            session.execute(
+                update(Job)
+                .where(Job.id == summary.job_id)
+                .values(
+                    state=JobState.SUCCEEDED,
+                    error_code=None,
+                    error=None,
+                    lease_owner=None,
+                    lease_until=None,
+                    finished_at=utcnow(),
+                )
+            )
+            return written
+
+    def fail_job(
+        self, job_id: str, *, state: JobState, error_code: str, error: str
+    ) -> None:
+        """End a job that cannot succeed, with a reason an operator can act on."""
+        with self._session() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state.not_in(list(FINAL_STATES)))
+                .values(
+                    state=state,
+                    error_code=error_code,
+                    error=error[:2000],
+                    lease_owner=None,
+                    lease_until=None,
+                    finished_at=utcnow(),
+                )
+            )
+
+    def get_job(self, job_id: str) -> Job | None:
+        """One job row, detached from its session."""
+        with self._session() as session:
+            return session.get(Job, job_id)
+
+    def jobs_by_id(self, job_ids: Sequence[str]) -> list[Job]:
+        """Several job rows, in no particular order."""
+        with self._session() as session:
+            return list(session.scalars(select(Job).where(Job.id.in_(job_ids))))
+
+    def find_summary(self, key: str) -> tuple[Summary, Job] | None:
+        """The summary of a job id, or the newest summary of a stay id."""
+        with self._session() as session:
+            query = select(Summary, Job).join(Job, Job.id == Summary.job_id)
+            row = session.execute(query.where(Summary.job_id == key)).first()
+            if row is None:
+                row = session.execute(
+                    query.where(Summary.stay_id == key).order_by(
+                        Summary.created_at.desc(), Summary.id.desc()
+                    )
+                ).first()
+            return None if row is None else (row[0], row[1])
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._translate_errors(), self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        # Connection-level failures may pass (database restarting, network
+        # blip): the job is retried. Anything else is a bug and propagates.
+        try:
+            yield
+        except DBAPIError as exc:
+            if not (isinstance(exc, OperationalError) or exc.connection_invalidated):
+                raise
+            raise StoreUnavailableError(
+                f"database unavailable ({type(exc.orig).__name__}); the job"
+                " will be retried"
+            ) from exc
+
+
+def _make_engine(url: str, *, pool_size: int) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # WAL lets the embedded run's reader threads work beside one
+            # writer; foreign keys are off by default in SQLite.
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(
+        url, pool_size=pool_size, pool_pre_ping=True, pool_recycle=1800
+    )
+
+
+def _insert_for(engine: Engine) -> Any:
+    return pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+
+
+def _upsert_patient(session: Session, record: StayRecord) -> None:
+    if session.get(Patient, record.patient_id) is not None:
+        return
+    patient = record.patient
+    session.add(
+        Patient(
+            id=record.patient_id,
+            sex=patient.sex if patient else None,
+            birth_date=patient.birth_date if patient else None,
+        )
+    )
+    session.flush()
+
+
+def _stay_row(record: StayRecord, digest: str) -> Stay:
+    kept = record.model_dump(mode="json", exclude={"notes"})
+    return Stay(
+        id=record.stay_id,
+        patient_id=record.patient_id,
+        source=record.source,
+        encounter_class=record.encounter_class,
+        encounter_type=record.encounter_type,
+        reason_for_visit=record.reason_for_visit,
+        admit_time=record.admit_time,
+        discharge_time=record.discharge_time,
+        record=kept,
+        content_sha256=digest,
+        note_count=len(record.notes),
+        char_count=sum(len(note.text) for note in record.notes),
+        updated_at=utcnow(),
+    )
+
+
+def _note_rows(record: StayRecord) -> list[Note]:
+    return [
+        Note(
+            stay_id=record.stay_id,
+            id=note.note_id,
+            position=position,
+            note_type=note.note_type,
+            author_role=note.author_role,
+            charted_at=note.charted_at,
+            text=note.text,
+            sha256=hashlib.sha256(note.text.encode("utf-8")).hexdigest(),
+        )
+        for position, note in enumerate(record.notes)
+    ]

@@ -1,0 +1,182 @@
+"""All configuration, read once at process start and passed down.
+
+Precedence: explicit arguments, then ``CHARTSUM_*`` environment variables
+(nested with ``__``, e.g. ``CHARTSUM_DATABASE__URL``), then a ``.env`` file in
+the working directory, then the defaults below. When a default changes,
+update the table in README.md ("Configuration") too.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "chartsum"
+EMBEDDED_MODEL_NAME = "smollm2-135m-instruct-bf16"
+
+
+class EngineMode(StrEnum):
+    """Where generation runs."""
+
+    IN_PROCESS = "in_process"
+    SERVER = "server"
+
+
+class RedisSettings(BaseModel):
+    """The Celery broker and result backend."""
+
+    url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="Redis URL used as Celery broker and result backend.",
+    )
+    visibility_timeout_s: int = Field(
+        3600,
+        description=(
+            "Seconds before Redis redelivers an unacknowledged task; must exceed"
+            " the longest job."
+        ),
+    )
+
+
+class DatabaseSettings(BaseModel):
+    """Where stays, jobs and summaries live."""
+
+    url: SecretStr | None = Field(
+        None,
+        description=(
+            "SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db. Unset means"
+            " the embedded SQLite file in data_dir."
+        ),
+    )
+    pool_size: int = Field(5, description="Connections kept per process.")
+
+
+class VllmSettings(BaseModel):
+    """The generation engine."""
+
+    mode: EngineMode = Field(
+        EngineMode.IN_PROCESS,
+        description="in_process: vLLM inside the worker; server: an HTTP vLLM server.",
+    )
+    model_dir: Path | None = Field(
+        None,
+        description=(
+            "Local HF-format model folder. Unset means the embedded SmolLM2 folder"
+            " made by `chartsum model prepare`."
+        ),
+    )
+    server_url: str = Field(
+        "http://127.0.0.1:8000/v1",
+        description="OpenAI-compatible base URL, used when mode=server.",
+    )
+    server_api_key: SecretStr | None = Field(
+        None, description="Bearer token for the vLLM server, if it wants one."
+    )
+    served_model_name: str | None = Field(
+        None, description="Model name the server knows; defaults to model_dir."
+    )
+    max_model_len_tokens: int = Field(
+        8192, description="Longest prompt plus completion the engine accepts."
+    )
+    kv_cache_bytes: int = Field(
+        1 << 30,
+        description=(
+            "KV-cache size for the in-process engine (bytes). Set, never"
+            " guessed: 1 GiB holds about 46k tokens of SmolLM2-135M."
+        ),
+    )
+    max_num_seqs: int = Field(
+        32, description="Most sequences the in-process engine batches at once."
+    )
+    dtype: str = Field("bfloat16", description="Weights dtype for in-process vLLM.")
+    request_timeout_s: float = Field(
+        600.0, description="Longest wait for one completion before giving up."
+    )
+    seed: int = Field(0, description="Sampling seed, for repeatable runs.")
+
+
+class PipelineSettings(BaseModel):
+    """How one job turns a chart into a summary."""
+
+    max_completion_tokens: int = Field(
+        1536, description="Completion budget for one summary."
+    )
+    max_generation_attempts: int = Field(
+        3,
+        description=(
+            "Generations tried per job before it ends needs_review (cut off or"
+            " invalid output)."
+        ),
+    )
+    uncalibrated_context_tokens: int = Field(
+        4096,
+        description=(
+            "Effective context assumed for a model with no calibration (tokens);"
+            " never the advertised window."
+        ),
+    )
+    worker_concurrency: int = Field(
+        16,
+        description=(
+            "Jobs one worker keeps in flight; they share one engine, which"
+            " batches them."
+        ),
+    )
+    job_lease_s: int = Field(
+        1800,
+        description=(
+            "Seconds a running job is held before another delivery may take it."
+        ),
+    )
+
+
+class LoggingSettings(BaseModel):
+    """structlog output."""
+
+    level: str = Field("INFO", description="Lowest level written.")
+    json_logs: bool | None = Field(
+        None,
+        description=(
+            "JSON lines when true, console when false; unset: JSON unless"
+            " stderr is a terminal."
+        ),
+    )
+
+
+class Settings(BaseSettings):
+    """chartsum's whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CHARTSUM_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    data_dir: Path = Field(
+        DEFAULT_DATA_DIR,
+        description="Embedded SQLite file, prepared models and reports live here.",
+    )
+    redis: RedisSettings = RedisSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    vllm: VllmSettings = VllmSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @cached_property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL in force: the configured one or the embedded SQLite."""
+        if self.database.url is not None:
+            return self.database.url.get_secret_value()
+        return f"sqlite:///{self.data_dir / 'chartsum.db'}"
+
+    @cached_property
+    def model_dir(self) -> Path:
+        """The local model folder in force: the configured one or the embedded one."""
+        if self.vllm.model_dir is not None:
+            return self.vllm.model_dir
+        return self.data_dir / "models" / EMBEDDED_MODEL_NAME

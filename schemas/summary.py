@@ -1,0 +1,120 @@
+"""The model's output: a discharge summary, section by section.
+
+Sections follow the C-CDA discharge summary document (hospital course,
+discharge diagnoses, discharge medications, allergies, procedures,
+consultations, pending results, follow-up and plan, discharge instructions,
+condition and disposition at discharge). Every statement cites the notes it
+rests on. All lists and strings are bounded so that a small model that loops
+still ends; the same bounds constrain decoding through the JSON schema.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+SCHEMA_VERSION = "discharge-1"
+
+#: Longest statement (characters); about 75 tokens of English.
+MAX_STATEMENT_CHARS = 300
+#: Most notes one statement may cite.
+MAX_CITATIONS = 3
+
+StatementText = Annotated[str, Field(min_length=1, max_length=MAX_STATEMENT_CHARS)]
+
+
+class Statement(BaseModel):
+    """One sentence of the summary and the notes that back it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: StatementText
+    note_ids: list[str] = Field(min_length=1, max_length=MAX_CITATIONS)
+
+    @field_validator("text")
+    @classmethod
+    def _text_is_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("statement text is blank")
+        return value
+
+    @field_validator("note_ids")
+    @classmethod
+    def _cites_notes_of_the_stay(
+        cls, value: list[str], info: ValidationInfo
+    ) -> list[str]:
+        allowed = (info.context or {}).get("note_ids")
+        if allowed is not None:
+            unknown = [note_id for note_id in value if note_id not in allowed]
+            if unknown:
+                raise ValueError(f"cites note ids not in the stay: {unknown[:3]}")
+        return value
+
+
+def _section(max_items: int, description: str) -> Any:
+    return Field(default_factory=list, max_length=max_items, description=description)
+
+
+class DischargeSummary(BaseModel):
+    """A validated discharge summary of one stay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hospital_course: list[Statement] = Field(
+        min_length=1,
+        max_length=6,
+        description="Why the patient came and what happened, in time order.",
+    )
+    discharge_diagnoses: list[Statement] = _section(8, "Diagnoses active at discharge.")
+    discharge_medications: list[Statement] = _section(
+        10, "Medications to take after discharge, with dose where stated."
+    )
+    allergies: list[Statement] = _section(4, "Allergies and intolerances.")
+    procedures: list[Statement] = _section(8, "Procedures performed in the stay.")
+    consultations: list[Statement] = _section(4, "Specialist consultations.")
+    pending_results: list[Statement] = _section(
+        4, "Tests whose results were not back at discharge."
+    )
+    follow_up: list[Statement] = _section(5, "Follow-up appointments and plan.")
+    discharge_instructions: list[Statement] = _section(
+        5, "Instructions given to the patient."
+    )
+    condition_at_discharge: list[Statement] = _section(
+        1, "The patient's condition at discharge."
+    )
+    disposition: list[Statement] = _section(
+        1, "Where the patient went: home, facility, deceased."
+    )
+
+    def statements(self) -> list[tuple[str, int, Statement]]:
+        """Every statement with its section name and position in the section."""
+        found = []
+        for name in type(self).model_fields:
+            for index, statement in enumerate(getattr(self, name)):
+                found.append((name, index, statement))
+        return found
+
+
+def discharge_json_schema(note_ids: list[str]) -> dict[str, Any]:
+    """The JSON schema that constrains decoding for one stay.
+
+    Args:
+        note_ids: Ids of the stay's notes; citations may only name these.
+
+    Returns:
+        DischargeSummary's schema with ``note_ids`` items narrowed to an enum,
+        so the engine cannot emit a citation outside the stay.
+    """
+    schema = copy.deepcopy(_BASE_SCHEMA)
+    items = schema["$defs"]["Statement"]["properties"]["note_ids"]["items"]
+    items.clear()
+    items["enum"] = list(note_ids)
+    # Every section is required when decoding, so the model considers each
+    # one and writes [] where the chart says nothing.
+    schema["required"] = list(schema["properties"])
+    return schema
+
+
+_BASE_SCHEMA = DischargeSummary.model_json_schema()

@@ -1,0 +1,81 @@
+"""Shared test doubles and builders."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipelines.engine import Completion, CompletionRequest
+
+SYNTHETIC_NOTE = (
+    "# Chief Complaint\n- Cough\n\n# Assessment and Plan\n"
+    "Patient is presenting with acute bronchitis. Started amoxicillin 500 mg."
+)
+
+
+def stay_dict(stay_id: str = "t-stay-1", **changes: Any) -> dict[str, Any]:
+    """A minimal valid stay record in the input format."""
+    record: dict[str, Any] = {
+        "schema_version": "1.0",
+        "stay_id": stay_id,
+        "patient_id": "t-patient-1",
+        "encounter_class": "inpatient",
+        "reason_for_visit": "Acute bronchitis",
+        "admit_time": "2020-01-01T10:00:00+00:00",
+        "discharge_time": "2020-01-03T10:00:00+00:00",
+        "notes": [
+            {
+                "note_id": f"{stay_id}-n1",
+                "note_type": "History and physical note",
+                "charted_at": "2020-01-01T10:00:00+00:00",
+                "text": SYNTHETIC_NOTE,
+            }
+        ],
+    }
+    record.update(changes)
+    return record
+
+
+def stay_line(stay_id: str = "t-stay-1", **changes: Any) -> str:
+    """A stay record as one JSON line."""
+    return json.dumps(stay_dict(stay_id, **changes))
+
+
+def summary_json(note_id: str, **sections: Any) -> str:
+    """A valid discharge summary citing ``note_id``."""
+    statement = {"text": "Admitted for acute bronchitis.", "note_ids": [note_id]}
+    body: dict[str, Any] = {"hospital_course": [statement]}
+    body.update(sections)
+    return json.dumps(body)
+
+
+class ScriptedEngine:
+    """An engine double that answers from a script, for pure-logic tests.
+
+    Args:
+        answers: Called with each request; returns (text, finish_reason) or
+            raises.
+    """
+
+    model_name = "scripted"
+
+    def __init__(self, answers: Callable[[CompletionRequest], tuple[str, str]]) -> None:
+        self.answers = answers
+        self.requests: list[CompletionRequest] = []
+        self._lock = threading.Lock()
+
+    def complete(self, request: CompletionRequest) -> Completion:
+        """Record the request and answer it from the script."""
+        with self._lock:
+            self.requests.append(request)
+        text, finish_reason = self.answers(request)
+        return Completion(text, finish_reason, len(request.prompt_token_ids), 7, 1)
+
+    def complete_many(self, requests: Sequence[CompletionRequest]) -> list[Completion]:
+        """Answer each request in order."""
+        return [self.complete(request) for request in requests]
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,90 @@
+"""The summary schema: citations, bounds and the decoding schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from schemas.summary import (
+    MAX_STATEMENT_CHARS,
+    DischargeSummary,
+    Statement,
+    discharge_json_schema,
+)
+from tests.helpers import summary_json
+
+
+def test_a_summary_citing_notes_of_the_stay_validates() -> None:
+    """Citations inside the stay pass."""
+    summary = DischargeSummary.model_validate_json(
+        summary_json("n1"), context={"note_ids": {"n1", "n2"}}
+    )
+
+    assert summary.hospital_course[0].note_ids == ["n1"]
+
+
+def test_a_citation_outside_the_stay_is_rejected() -> None:
+    """Validation rejects a note id that is not in the stay."""
+    with pytest.raises(ValidationError, match="not in the stay"):
+        DischargeSummary.model_validate_json(
+            summary_json("n9"), context={"note_ids": {"n1"}}
+        )
+
+
+def test_a_statement_without_citations_or_text_is_rejected() -> None:
+    """Every statement needs text and at least one note id."""
+    with pytest.raises(ValidationError):
+        Statement(text="x", note_ids=[])
+    with pytest.raises(ValidationError):
+        Statement(text="   ", note_ids=["n1"])
+
+
+def test_bounds_stop_an_overlong_statement_and_section() -> None:
+    """Strings and lists are bounded so a looping model cannot grow them forever."""
+    with pytest.raises(ValidationError):
+        Statement(text="x" * (MAX_STATEMENT_CHARS + 1), note_ids=["n1"])
+    many = [{"text": "x", "note_ids": ["n1"]}] * 7
+    with pytest.raises(ValidationError):
+        DischargeSummary.model_validate({"hospital_course": many})
+
+
+def test_the_decoding_schema_narrows_citations_to_the_stay() -> None:
+    """The JSON schema sent to the engine only allows the stay's note ids."""
+    schema = discharge_json_schema(["n1", "n2"])
+    items = schema["$defs"]["Statement"]["properties"]["note_ids"]["items"]
+
+    assert items == {"enum": ["n1", "n2"]}
+    assert set(schema["required"]) == set(DischargeSummary.model_fields)
+    assert discharge_json_schema(["x"])["$defs"]["Statement"]["properties"]["note_ids"][
+        "items"
+    ] == {"enum": ["x"]}
+
+
+statements = st.builds(
+    Statement,
+    text=st.text(min_size=1, max_size=MAX_STATEMENT_CHARS).filter(str.strip),
+    note_ids=st.lists(st.sampled_from(["n1", "n2", "n3"]), min_size=1, max_size=3),
+)
+
+
+@given(
+    st.builds(
+        DischargeSummary,
+        hospital_course=st.lists(statements, min_size=1, max_size=6),
+        discharge_medications=st.lists(statements, max_size=10),
+    )
+)
+def test_summaries_round_trip_through_json(summary: DischargeSummary) -> None:
+    """Dumping and re-reading a summary gives the same summary."""
+    text = summary.model_dump_json()
+
+    again = DischargeSummary.model_validate_json(
+        text, context={"note_ids": {"n1", "n2", "n3"}}
+    )
+
+    assert again == summary
+    assert json.loads(text)["hospital_course"]

@@ -1,0 +1,64 @@
+"""The Celery app, configured from Settings in one function."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from schemas.settings import Settings
+from workers.constants import (
+    QUEUE_BACKFILL,
+    QUEUE_CALIBRATION,
+    QUEUE_REALTIME,
+    RESULT_TTL_S,
+)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery's settings (and so Flower's broker) derived from chartsum's."""
+    redis_url = settings.redis.url.get_secret_value()
+    return {
+        "broker_url": redis_url,
+        "result_backend": redis_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_expires": RESULT_TTL_S,
+        # At least once: acknowledge after the job ran, and put a task back
+        # when its worker dies. The job row's lease stops double work.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {
+            "visibility_timeout": settings.redis.visibility_timeout_s,
+        },
+        "broker_connection_retry_on_startup": True,
+        "task_track_started": True,
+        "task_queues": [
+            Queue(QUEUE_REALTIME),
+            Queue(QUEUE_BACKFILL),
+            Queue(QUEUE_CALIBRATION),
+        ],
+        "task_default_queue": QUEUE_REALTIME,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app for these settings, with chartsum's tasks registered."""
+    settings = settings or Settings()
+    app = Celery("chartsum")
+    app.config_from_object(celery_config(settings))
+    app.conf.chartsum_settings = settings
+    from workers import tasks
+
+    tasks.register(app)
+    return app
+
+
+app = create_app()
