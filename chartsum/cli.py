@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from chartsum.cli_calibrate import calibrate
+from chartsum.cli_ops import register as register_ops_commands
 from pipelines.errors import ChartsumError, RetryableError
 from pipelines.logs import configure_logging
 from schemas.settings import Settings
@@ -71,7 +72,23 @@ def ingest(ctx: click.Context, path: Path) -> None:
 
     parsed = read_stays_file(path)
     store = open_store(_settings(ctx))
-    counts = store.ingest(parsed.stays)
+    # A visit cut from a longitudinal record may already be stored as a stay
+    # (same encounter id, from a stay file); the stay record is the richer
+    # one and its summaries stay current, so it is kept as it is.
+    known = set(store.stay_ids())
+    stays = [
+        s
+        for s in parsed.stays
+        if not (
+            (s.model_extra or {}).get("longitudinal_record_id") and s.stay_id in known
+        )
+    ]
+    if len(stays) < len(parsed.stays):
+        click.echo(
+            f"{len(parsed.stays) - len(stays)} visit(s) of longitudinal records"
+            " are already stored as stays; kept as they are"
+        )
+    counts = store.ingest(stays)
     for error in parsed.errors:
         click.echo(f"error: {path.name} {error}", err=True)
     click.echo(
@@ -86,7 +103,22 @@ def ingest(ctx: click.Context, path: Path) -> None:
 
 @cli.command()
 @click.option("--stay", "stay_ids", multiple=True, help="Stay id (repeatable).")
-@click.option("--all", "all_stays", is_flag=True, help="Every stored stay.")
+@click.option(
+    "--patient",
+    "patient_ids",
+    multiple=True,
+    help="Patient id (repeatable), with --kind longitudinal.",
+)
+@click.option(
+    "--all", "all_stays", is_flag=True, help="Every stored stay (or patient)."
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["discharge", "longitudinal"]),
+    default="discharge",
+    show_default=True,
+    help="discharge: one summary per stay; longitudinal: one per patient.",
+)
 @click.option(
     "--queue",
     type=click.Choice(["realtime", "backfill"]),
@@ -95,15 +127,23 @@ def ingest(ctx: click.Context, path: Path) -> None:
 )
 @click.pass_context
 def enqueue(
-    ctx: click.Context, stay_ids: tuple[str, ...], all_stays: bool, queue: str
+    ctx: click.Context,
+    stay_ids: tuple[str, ...],
+    patient_ids: tuple[str, ...],
+    all_stays: bool,
+    kind: str,
+    queue: str,
 ) -> None:
-    """Create a durable job per stay and send a task carrying its id only."""
+    """Create a durable job per stay (or patient) and send a task carrying its id."""
     from pipelines.runtime import open_store
     from workers.app import create_app
     from workers.enqueue import enqueue_stays
 
     settings = _settings(ctx)
     store = open_store(settings)
+    if kind == "longitudinal" or patient_ids:
+        _enqueue_patients(settings, store, patient_ids, all_stays, kind, queue)
+        return
     ids = store.stay_ids() if all_stays else list(stay_ids)
     if not ids:
         raise click.UsageError("name at least one --stay, or --all")
@@ -113,6 +153,32 @@ def enqueue(
     for job in sent:
         click.echo(f"{job.stay_id}\t{job.job_id}\t{'new' if job.created else 'open'}")
     click.echo(f"{len(sent)} job(s) sent, {created} new")
+
+
+def _enqueue_patients(
+    settings: Settings,
+    store: Any,
+    patient_ids: tuple[str, ...],
+    all_patients: bool,
+    kind: str,
+    queue: str,
+) -> None:
+    from workers.app import create_app
+    from workers.enqueue import enqueue_patients
+
+    if kind != "longitudinal":
+        raise click.UsageError("--patient goes with --kind longitudinal")
+    ids = store.patient_ids() if all_patients else list(patient_ids)
+    if not ids:
+        raise click.UsageError("name at least one --patient, or --all")
+    sent = enqueue_patients(
+        store, create_app(settings), patient_ids=ids, queue=queue, kind=kind
+    )
+    for job in sent:
+        click.echo(
+            f"{job.patient_id}\t{job.job_id}\t{'new' if job.created else 'open'}"
+        )
+    click.echo(f"{len(sent)} job(s) sent, {sum(j.created for j in sent)} new")
 
 
 @cli.command()
@@ -229,12 +295,12 @@ def _print_outcomes(outcomes: list[Any], store: Any, elapsed_s: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the stored JSON.")
 @click.pass_context
 def show(ctx: click.Context, key: str, as_json: bool) -> None:
-    """Print the summary of a stay id (newest) or a job id."""
+    """Print the summary of a stay id, a patient id (longitudinal) or a job id."""
     from pipelines.runtime import open_store
     from pipelines.show import render_summary
 
     store = open_store(_settings(ctx))
-    found = store.find_summary(key)
+    found = store.find_summary(key) or store.find_patient_summary(key)
     if found is None:
         job = store.get_job(key)
         if job is not None:
@@ -242,7 +308,7 @@ def show(ctx: click.Context, key: str, as_json: bool) -> None:
                 f"job {key} has no summary: {job.state}"
                 + (f" ({job.error})" if job.error else "")
             )
-        raise click.ClickException(f"no summary for stay or job {key}")
+        raise click.ClickException(f"no summary for stay, patient or job {key}")
     summary, job = found
     if as_json:
         click.echo(json.dumps(_summary_json(summary, job), indent=2))
@@ -288,6 +354,7 @@ def _summary_json(summary: Any, job: Any) -> dict[str, Any]:
     return {
         "job_id": summary.job_id,
         "stay_id": summary.stay_id,
+        "patient_id": summary.patient_id,
         "kind": summary.kind,
         "schema_version": summary.schema_version,
         "model_name": summary.model_name,
@@ -299,6 +366,9 @@ def _summary_json(summary: Any, job: Any) -> dict[str, Any]:
         "generation_ms": summary.generation_ms,
         "created_at": summary.created_at.isoformat() if summary.created_at else None,
         "job_state": job.state,
+        "job_error": job.error,
+        "support_rate": summary.support_rate,
+        "support": summary.support,
         "summary": summary.payload,
     }
 
@@ -321,6 +391,7 @@ def main() -> None:
 
 
 cli.add_command(calibrate)
+register_ops_commands(cli)
 
 
 if __name__ == "__main__":

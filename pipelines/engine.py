@@ -40,6 +40,8 @@ class CompletionRequest:
     json_schema: dict[str, Any] | None = None
     temperature: float = 0.0
     seed: int | None = None
+    #: Above 1.0 discourages repeating tokens; small models loop without it.
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class InProcessEngine:
         # vLLM reads these at import; quiet its per-step logs (they never
         # hold prompts, but they drown ours).
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -119,6 +122,11 @@ class InProcessEngine:
             enforce_eager=True,
             seed=self.settings.seed,
             disable_log_stats=True,
+            # Compact JSON under structured outputs: a small model otherwise
+            # spends its budget on runs of newlines and indentation.
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=True
+            ),
         )
         return AsyncLLM.from_engine_args(args)
 
@@ -142,11 +150,14 @@ class InProcessEngine:
 
         structured = None
         if request.json_schema is not None:
-            structured = StructuredOutputsParams(json=request.json_schema)
+            structured = StructuredOutputsParams(
+                json=request.json_schema, disable_any_whitespace=True
+            )
         params = SamplingParams(
             max_tokens=request.max_tokens,
             temperature=request.temperature,
             seed=request.seed,
+            repetition_penalty=request.repetition_penalty,
             structured_outputs=structured,
         )
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
@@ -212,11 +223,15 @@ class ServerEngine:
             "prompt": request.prompt_token_ids,
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
+            "repetition_penalty": request.repetition_penalty,
         }
         if request.seed is not None:
             body["seed"] = request.seed
         if request.json_schema is not None:
-            body["structured_outputs"] = {"json": request.json_schema}
+            body["structured_outputs"] = {
+                "json": request.json_schema,
+                "disable_any_whitespace": True,
+            }
         started = time.perf_counter()
         try:
             response = self._client.post("completions", json=body)

@@ -1,7 +1,9 @@
 """Turning a chart into the chat a model summarizes.
 
-Note text is quoted between note headers that carry the note id, so the
-model can cite it. Any special-token string inside a note (``<|im_end|>``
+Note text is quoted under headers that give each note a short alias
+(``N1``, ``N2``, ...), which the model cites and chartsum maps back to note
+ids: real ids run to 20 tokens each, and a small model copies a short alias
+far more reliably. Any special-token string inside a note (``<|im_end|>``
 and the like) is broken up first: a note must never end the user turn.
 """
 
@@ -15,7 +17,8 @@ from pipelines.tokens import TokenCounter, neutralize_special_tokens
 SYSTEM_PROMPT = """\
 You write hospital discharge summaries for clinicians.
 Use only facts written in the notes. Never guess or add facts.
-Each statement is one short sentence and lists the note_ids it comes from.
+Each statement is one short sentence and lists the notes it comes from,
+by the note labels N1, N2, ... shown in the chart.
 Sections:
 - hospital_course: why the patient came and what happened.
 - discharge_diagnoses: diagnoses at discharge.
@@ -33,6 +36,8 @@ class Prompt:
 
     messages: list[dict[str, str]]
     token_ids: list[int]
+    #: Alias the prompt uses for each note ("N1") -> the note's real id.
+    aliases: dict[str, str]
     #: Special-token strings that had to be broken up in note text.
     neutralized_tokens: int
 
@@ -42,8 +47,13 @@ class Prompt:
         return len(self.token_ids)
 
 
+def note_aliases(chart: Chart) -> dict[str, str]:
+    """Short labels for the chart's notes, in chart order: N1, N2, ..."""
+    return {f"N{i}": note.note_id for i, note in enumerate(chart.notes, start=1)}
+
+
 def render_chart(chart: Chart, *, special_tokens: frozenset[str]) -> tuple[str, int]:
-    """The chart as plain text: a stay header, then every note under its id.
+    """The chart as plain text: a stay header, then every note under its alias.
 
     Returns:
         The text and how many special-token strings were broken up.
@@ -58,12 +68,12 @@ def render_chart(chart: Chart, *, special_tokens: frozenset[str]) -> tuple[str, 
     if chart.discharge_time:
         lines.append(f"Discharged: {chart.discharge_time:%Y-%m-%d}")
     neutralized = 0
-    for note in chart.notes:
+    for alias, note in zip(note_aliases(chart), chart.notes, strict=True):
         kind = note.note_type or "note"
         when = f", {note.charted_at:%Y-%m-%d}" if note.charted_at else ""
         text, count = neutralize_special_tokens(note.text, special_tokens)
         neutralized += count
-        lines.append(f"\n=== note_id: {note.note_id} ({kind}{when}) ===\n{text}")
+        lines.append(f"\n=== {alias}: {kind}{when} ===\n{text}")
     return "\n".join(lines), neutralized
 
 
@@ -71,8 +81,8 @@ def build_discharge_prompt(chart: Chart, *, tokens: TokenCounter) -> Prompt:
     """The single-pass discharge-summary prompt for one stay, tokenized."""
     chart_text, neutralized = render_chart(chart, special_tokens=tokens.special_tokens)
     user = (
-        f"{chart_text}\n\nWrite the discharge summary of stay {chart.stay_id}"
-        " as JSON. Cite note_ids from the headers above."
+        f"{chart_text}\n\nWrite the discharge summary of this stay as JSON."
+        " Cite notes by their labels (N1, N2, ...)."
     )
     messages = [
         {"role": "system", "content": SYSTEM_PROMPT},
@@ -80,4 +90,4 @@ def build_discharge_prompt(chart: Chart, *, tokens: TokenCounter) -> Prompt:
     ]
     rendered = tokens.render_chat(messages, add_generation_prompt=True)
     token_ids = tokens.encode(rendered, allow_special=True)
-    return Prompt(messages, token_ids, neutralized)
+    return Prompt(messages, token_ids, note_aliases(chart), neutralized)

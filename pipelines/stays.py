@@ -111,27 +111,27 @@ def parse_stay_lines(lines: Iterable[str]) -> ParsedStays:
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
-        record, error, removed = _parse_line(number, raw)
-        parsed.removed_control_chars += removed
-        if error is not None:
-            parsed.errors.append(error)
-            continue
-        assert record is not None
-        digest = canonical_sha256(record)
-        seen = first_line.get(record.stay_id)
-        if seen is not None:
-            if seen[1] != digest:
-                parsed.errors.append(
-                    LineError(
-                        number,
-                        "stay_id",
-                        f"duplicate of line {seen[0]} with different content",
-                        record.stay_id,
+        for record, error, removed in _parse_records(number, raw):
+            parsed.removed_control_chars += removed
+            if error is not None:
+                parsed.errors.append(error)
+                continue
+            assert record is not None
+            digest = canonical_sha256(record)
+            seen = first_line.get(record.stay_id)
+            if seen is not None:
+                if seen[1] != digest:
+                    parsed.errors.append(
+                        LineError(
+                            number,
+                            "stay_id",
+                            f"duplicate of line {seen[0]} with different content",
+                            record.stay_id,
+                        )
                     )
-                )
-            continue
-        first_line[record.stay_id] = (number, digest)
-        parsed.stays.append(record)
+                continue
+            first_line[record.stay_id] = (number, digest)
+            parsed.stays.append(record)
     return parsed
 
 
@@ -141,14 +141,97 @@ def read_stays_file(path: Path) -> ParsedStays:
         return parse_stay_lines(lines)
 
 
-def _parse_line(
+def stays_from_longitudinal(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Split a longitudinal record (all of a patient's notes) into stays.
+
+    A ``record_kind: "longitudinal_record"`` line holds every note of one
+    patient with an ``encounter_id`` each. Each encounter becomes one stay
+    (its id is the encounter id) with its notes, the encounter's class,
+    type, reason and times from ``encounters``, and the diagnoses,
+    medications and procedures recorded in it. A note without an encounter
+    id becomes a stay of its own, dated by the note. The stays are then
+    validated like any other line.
+
+    Args:
+        record: The parsed JSON object of one longitudinal line.
+
+    Returns:
+        Stay records in the input format, in the order of their first note.
+    """
+    encounters = {
+        e.get("encounter_id"): e
+        for e in record.get("encounters") or []
+        if isinstance(e, dict)
+    }
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for note in record.get("notes") or []:
+        if not isinstance(note, dict):
+            continue
+        encounter_id = note.get("encounter_id")
+        key = encounter_id or f"{record.get('stay_id')}:{note.get('note_id')}"
+        groups.setdefault(str(key), []).append(note)
+    stays = []
+    for stay_id, notes in groups.items():
+        encounter = encounters.get(stay_id) or {}
+        first = notes[0]
+        admit = encounter.get("start") or first.get("charted_at")
+        stays.append(
+            {
+                "schema_version": record.get("schema_version", "1.0"),
+                "stay_id": stay_id,
+                "patient_id": record.get("patient_id"),
+                "source": record.get("source"),
+                "longitudinal_record_id": record.get("stay_id"),
+                "encounter_class": encounter.get("encounter_class")
+                or first.get("encounter_class"),
+                "encounter_type": encounter.get("encounter_type")
+                or first.get("encounter_type"),
+                "reason_for_visit": encounter.get("reason_for_visit"),
+                "admit_time": admit,
+                "discharge_time": encounter.get("end") or notes[-1].get("charted_at"),
+                "patient": _patient_at_stay(record.get("patient")),
+                "notes": notes,
+                "diagnoses": _in_encounter(record.get("diagnoses"), stay_id),
+                "medications": _in_encounter(record.get("medications"), stay_id),
+                "procedures": _in_encounter(record.get("procedures"), stay_id),
+            }
+        )
+    return stays
+
+
+def _in_encounter(items: Any, encounter_id: str) -> list[Any]:
+    return [
+        item
+        for item in items or []
+        if isinstance(item, dict) and item.get("encounter_id") == encounter_id
+    ]
+
+
+def _patient_at_stay(patient: Any) -> Any:
+    # The record's age is at its first visit; it would be wrong for later
+    # stays, so only the fixed facts are kept.
+    if not isinstance(patient, dict):
+        return patient
+    return {k: patient.get(k) for k in ("sex", "birth_date", "deceased_at")}
+
+
+def _parse_records(
     number: int, raw: str
-) -> tuple[StayRecord | None, LineError | None, int]:
+) -> list[tuple[StayRecord | None, LineError | None, int]]:
+    """One line's stays: one for a stay line, one per visit for a longitudinal one."""
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         reason = f"not valid JSON ({exc.msg} at column {exc.colno})"
-        return None, LineError(number, "<line>", reason), 0
+        return [(None, LineError(number, "<line>", reason), 0)]
+    if isinstance(data, dict) and data.get("record_kind") == "longitudinal_record":
+        return [_parse_data(number, stay) for stay in stays_from_longitudinal(data)]
+    return [_parse_data(number, data)]
+
+
+def _parse_data(
+    number: int, data: Any
+) -> tuple[StayRecord | None, LineError | None, int]:
     if not isinstance(data, dict):
         return None, LineError(number, "<line>", "not a JSON object"), 0
     stay_id = data.get("stay_id") if isinstance(data.get("stay_id"), str) else None

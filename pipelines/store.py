@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import case, create_engine, event, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
@@ -78,6 +78,8 @@ class NewSummary:
     input_sha256: str
     generation_ms: int
     total_ms: int
+    support_rate: float | None = None
+    support: dict[str, Any] | None = None
 
 
 def utcnow() -> datetime:
@@ -182,7 +184,12 @@ class ChartStore:
             )
 
     def create_jobs(
-        self, *, kind: str, stay_ids: Sequence[str], queue: str
+        self,
+        *,
+        kind: str,
+        stay_ids: Sequence[str],
+        queue: str,
+        origin: str | None = None,
     ) -> list[tuple[str, bool]]:
         """Create one job per stay, reusing a job still queued or running.
 
@@ -222,8 +229,11 @@ class ChartStore:
                         stay_id=stay_id,
                         state=JobState.QUEUED,
                         queue=queue,
+                        origin=origin,
                         attempts=0,
+                        lost_deliveries=0,
                         generation_attempts=0,
+                        updated_at=utcnow(),
                     )
                 )
                 open_jobs[stay_id] = job_id
@@ -231,33 +241,63 @@ class ChartStore:
         return results
 
     def claim_job(
-        self, job_id: str, *, lease_s: int, owner: str | None = None
+        self,
+        job_id: str,
+        *,
+        lease_s: int,
+        owner: str | None = None,
+        max_lost_deliveries: int = 3,
     ) -> ClaimedJob | None:
         """Take the lease on a job for this delivery.
 
         A job can be claimed when it is queued, or running with an expired
-        lease (its worker died). One UPDATE decides, so two deliveries of the
-        same job cannot both win.
+        lease (its worker died: a lost delivery). One UPDATE decides, so two
+        deliveries of the same job cannot both win. A job that has already
+        lost ``max_lost_deliveries`` deliveries is set aside as failed
+        instead: it probably kills its worker, and the queue must go on.
 
         Returns:
             The claimed job, or None when the job is final, leased by another
-            delivery, or unknown.
+            delivery, set aside, or unknown.
         """
         owner = owner or uuid.uuid4().hex
         now = utcnow()
         with self._session() as session:
-            claimable = (Job.state == JobState.QUEUED) | (
-                (Job.state == JobState.RUNNING) & (Job.lease_until < now)
+            expired = (Job.state == JobState.RUNNING) & (Job.lease_until < now)
+            session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    expired,
+                    Job.lost_deliveries + 1 >= max_lost_deliveries,
+                )
+                .values(
+                    state=JobState.FAILED,
+                    lost_deliveries=Job.lost_deliveries + 1,
+                    error_code="too_many_lost_deliveries",
+                    error=(
+                        f"set aside: {max_lost_deliveries} deliveries ended"
+                        " without finishing (worker killed or lost); check the"
+                        " worker logs for this job id before re-enqueueing"
+                    ),
+                    lease_owner=None,
+                    lease_until=None,
+                    finished_at=now,
+                    updated_at=now,
+                )
             )
             result = session.execute(
                 update(Job)
-                .where(Job.id == job_id, claimable)
+                .where(Job.id == job_id, (Job.state == JobState.QUEUED) | expired)
                 .values(
                     state=JobState.RUNNING,
                     attempts=Job.attempts + 1,
+                    lost_deliveries=Job.lost_deliveries
+                    + case((Job.state == JobState.RUNNING, 1), else_=0),
                     lease_owner=owner,
                     lease_until=now + timedelta(seconds=lease_s),
                     started_at=func.coalesce(Job.started_at, now),
+                    updated_at=now,
                 )
                 .execution_options(synchronize_session=False)
             )
@@ -281,6 +321,7 @@ class ChartStore:
                     lease_until=None,
                     error_code="retrying",
                     error=error,
+                    updated_at=utcnow(),
                 )
             )
 
@@ -343,6 +384,7 @@ class ChartStore:
                     lease_owner=None,
                     lease_until=None,
                     finished_at=utcnow(),
+                    updated_at=utcnow(),
                 )
             )
             return written
@@ -362,6 +404,7 @@ class ChartStore:
                     lease_owner=None,
                     lease_until=None,
                     finished_at=utcnow(),
+                    updated_at=utcnow(),
                 )
             )
 
@@ -388,6 +431,13 @@ class ChartStore:
                 ).first()
             return None if row is None else (row[0], row[1])
 
+    def session(self) -> Any:
+        """A transaction for queries this class does not offer (operations).
+
+        Connection failures surface as StoreUnavailableError.
+        """
+        return self._session()
+
     @contextmanager
     def _session(self) -> Iterator[Session]:
         with self._translate_errors(), self._sessions.begin() as session:
@@ -406,6 +456,198 @@ class ChartStore:
                 f"database unavailable ({type(exc.orig).__name__}); the job"
                 " will be retried"
             ) from exc
+
+    # Longitudinal summaries and review outcomes (issue 4).
+
+    def patient_ids(self) -> list[str]:
+        """Every stored patient id that has a stay, sorted."""
+        with self._session() as session:
+            query = select(Stay.patient_id).distinct().order_by(Stay.patient_id)
+            return list(session.scalars(query))
+
+    def create_patient_jobs(
+        self, *, kind: str, patient_ids: Sequence[str], queue: str
+    ) -> list[tuple[str, bool]]:
+        """Create one patient-level job per patient, reusing an open one.
+
+        Returns:
+            (job id, created) per patient, in the order given.
+
+        Raises:
+            StayNotFoundError: A patient has no stored stay; no job is created.
+        """
+        results: list[tuple[str, bool]] = []
+        with self._session() as session:
+            known = set(
+                session.scalars(
+                    select(Stay.patient_id).where(Stay.patient_id.in_(patient_ids))
+                )
+            )
+            missing = [p for p in patient_ids if p not in known]
+            if missing:
+                raise StayNotFoundError(
+                    f"{len(missing)} patient id(s) have no stay in the database,"
+                    f" e.g. {missing[0]}; ingest their stays first"
+                )
+            open_jobs = dict(
+                session.execute(
+                    select(Job.patient_id, Job.id).where(
+                        Job.patient_id.in_(patient_ids),
+                        Job.stay_id.is_(None),
+                        Job.kind == kind,
+                        Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
+                    )
+                ).all()
+            )
+            for patient_id in patient_ids:
+                if patient_id in open_jobs:
+                    results.append((open_jobs[patient_id], False))
+                    continue
+                job_id = str(uuid.uuid4())
+                session.add(
+                    Job(
+                        id=job_id,
+                        kind=kind,
+                        stay_id=None,
+                        patient_id=patient_id,
+                        state=JobState.QUEUED,
+                        queue=queue,
+                        attempts=0,
+                        lost_deliveries=0,
+                        generation_attempts=0,
+                        updated_at=utcnow(),
+                    )
+                )
+                open_jobs[patient_id] = job_id
+                results.append((job_id, True))
+        return results
+
+    def load_patient_charts(self, patient_id: str) -> list[Chart]:
+        """Every stay of a patient with its notes, in time order.
+
+        Stays without an admission time come last, by id.
+
+        Raises:
+            StayNotFoundError: The patient has no stored stay.
+        """
+        with self._session() as session:
+            stays = list(session.scalars(select(Stay).filter_by(patient_id=patient_id)))
+            if not stays:
+                raise StayNotFoundError(
+                    f"patient {patient_id} has no stay in the database"
+                )
+            notes: dict[str, list[ChartNote]] = {stay.id: [] for stay in stays}
+            for note in session.scalars(
+                select(Note)
+                .where(Note.stay_id.in_(list(notes)))
+                .order_by(Note.stay_id, Note.position)
+            ):
+                notes[note.stay_id].append(
+                    ChartNote(note.id, note.note_type, note.charted_at, note.text)
+                )
+            charts = [
+                Chart(
+                    stay_id=stay.id,
+                    patient_id=stay.patient_id,
+                    content_sha256=stay.content_sha256,
+                    encounter_class=stay.encounter_class,
+                    reason_for_visit=stay.reason_for_visit,
+                    admit_time=stay.admit_time,
+                    discharge_time=stay.discharge_time,
+                    record=stay.record,
+                    notes=tuple(notes[stay.id]),
+                )
+                for stay in stays
+            ]
+        return sorted(
+            charts,
+            key=lambda c: (c.admit_time is None, _utc(c.admit_time), c.stay_id),
+        )
+
+    def current_discharge_summaries(
+        self, charts: Sequence[Chart]
+    ) -> dict[str, dict[str, Any]]:
+        """The newest succeeded discharge summary of each chart, if current.
+
+        A summary made from an older version of the chart (its input hash
+        differs) is not returned: it may describe notes that changed.
+
+        Returns:
+            Summary payload by stay id, for the stays that have one.
+        """
+        digest = {chart.stay_id: chart.content_sha256 for chart in charts}
+        found: dict[str, dict[str, Any]] = {}
+        with self._session() as session:
+            rows = session.execute(
+                select(Summary.stay_id, Summary.payload, Summary.input_sha256)
+                .join(Job, Job.id == Summary.job_id)
+                .where(
+                    Summary.stay_id.in_(list(digest)),
+                    Summary.kind == "discharge",
+                    Job.state == JobState.SUCCEEDED,
+                )
+                .order_by(Summary.created_at.desc(), Summary.id.desc())
+            )
+            for stay_id, payload, input_sha256 in rows:
+                if stay_id not in found and input_sha256 == digest[stay_id]:
+                    found[stay_id] = payload
+        return found
+
+    def complete_job_for_review(
+        self, summary: NewSummary, *, error_code: str, error: str
+    ) -> bool:
+        """Write a summary flagged for review; its job ends needs_review.
+
+        Same transaction and idempotence as complete_job. ``error`` names
+        what needs review (section names, statement positions), never text.
+
+        Returns:
+            True if this call wrote the summary.
+        """
+        with self._session() as session:
+            insert = _insert_for(self.engine)
+            result = session.execute(
+                insert(Summary)
+                .values(**summary.__dict__)
+                .on_conflict_do_nothing(index_elements=["job_id"])
+                .returning(Summary.id)
+            )
+            written = result.first() is not None
+            session.execute(
+                update(Job)
+                .where(Job.id == summary.job_id)
+                .values(
+                    state=JobState.NEEDS_REVIEW,
+                    error_code=error_code,
+                    error=error[:2000],
+                    lease_owner=None,
+                    lease_until=None,
+                    finished_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+            )
+            return written
+
+    def find_patient_summary(self, patient_id: str) -> tuple[Summary, Job] | None:
+        """The newest longitudinal summary of a patient."""
+        with self._session() as session:
+            row = session.execute(
+                select(Summary, Job)
+                .join(Job, Job.id == Summary.job_id)
+                .where(
+                    Summary.patient_id == patient_id,
+                    Summary.kind == "longitudinal",
+                )
+                .order_by(Summary.created_at.desc(), Summary.id.desc())
+            ).first()
+            return None if row is None else (row[0], row[1])
+
+
+def _utc(moment: datetime | None) -> datetime:
+    # SQLite hands back naive datetimes; PostgreSQL aware ones.
+    if moment is None:
+        return datetime.min.replace(tzinfo=UTC)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _make_engine(url: str, *, pool_size: int) -> Engine:

@@ -7,31 +7,46 @@ the job is handed back; permanent ones end the job with their reason.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from pydantic import ValidationError
 
+from pipelines.chunked import shared_embedder, summarize_chart_chunked
 from pipelines.engine import Completion, CompletionRequest, Engine
 from pipelines.errors import (
     CompletionInvalidError,
-    NeedsChunkedRouteError,
     PermanentError,
     RetryableError,
 )
+from pipelines.longitudinal import check_longitudinal, summarize_patient
 from pipelines.prompts import Prompt, build_discharge_prompt
+from pipelines.retrieval import Embedder
 from pipelines.routing import EffectiveContext, Route, RouteDecision, choose_route
 from pipelines.stays import Chart
 from pipelines.store import ChartStore, ClaimedJob, NewSummary
+from pipelines.support import SummarySupport, check_summary
 from pipelines.tokens import TokenCounter
+from schemas.longitudinal import SCHEMA_VERSION as LONGITUDINAL_SCHEMA_VERSION
 from schemas.settings import Settings
 from schemas.summary import SCHEMA_VERSION, DischargeSummary, discharge_json_schema
 from schemas.tables import JobState, SummaryKind
 
 log = structlog.get_logger("chartsum.job")
+
+#: Called at each stage of a job with the stage name and ids/counts only;
+#: the Celery task turns it into a task state operators see on Flower.
+ProgressCallback = Callable[[str, dict[str, Any]], None]
+
+
+def _no_progress(_stage: str, _meta: dict[str, Any]) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,8 @@ class JobOutcome:
     error: str | None = None
     #: False when this delivery found the job already final or leased.
     ran: bool = True
+    #: Share of statements supported by their cited notes, when stored.
+    support_rate: float | None = None
 
     def as_result(self) -> dict[str, Any]:
         """A task result safe for Redis and Flower: no text, just ids and counts."""
@@ -57,6 +74,7 @@ class JobOutcome:
             "route": self.route,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "support_rate": self.support_rate,
             "ran": self.ran,
         }
 
@@ -65,6 +83,25 @@ class JobOutcome:
 class _Generated:
     summary: DischargeSummary
     completion: Completion
+
+
+@dataclass(frozen=True)
+class _Made:
+    """A validated, checked summary of either kind, ready to store."""
+
+    kind: SummaryKind
+    stay_id: str | None
+    patient_id: str
+    schema_version: str
+    payload: dict[str, Any]
+    route: str
+    prompt_tokens: int
+    completion_tokens: int
+    generation_ms: int
+    input_sha256: str
+    support: SummarySupport
+    #: Optional sections of the chunked route that never validated.
+    failed_sections: list[str]
 
 
 class Summarizer:
@@ -77,6 +114,9 @@ class Summarizer:
         tokens: The served model's tokenizer (exact counts).
         model_fingerprint: Identity of the served weights and template.
         context: The effective context to route by.
+        embedder: Returns the dense retrieval model for the chunked route;
+            the default loads MiniLM once per process on first use. A
+            function returning None ranks by BM25 alone.
     """
 
     def __init__(
@@ -88,6 +128,7 @@ class Summarizer:
         tokens: TokenCounter,
         model_fingerprint: str,
         context: EffectiveContext,
+        embedder: Callable[[], Embedder | None] = shared_embedder,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -95,9 +136,17 @@ class Summarizer:
         self.tokens = tokens
         self.model_fingerprint = model_fingerprint
         self.context = context
+        self.embedder = embedder
 
-    def process_job(self, job_id: str) -> JobOutcome:
+    def process_job(
+        self, job_id: str, *, on_progress: ProgressCallback = _no_progress
+    ) -> JobOutcome:
         """Run one job to a final state, or hand it back for a retry.
+
+        Args:
+            job_id: The job to run.
+            on_progress: Told each stage (claimed, routed, generating,
+                storing) with ids and counts.
 
         Raises:
             RetryableError: The engine or database failed in a way that may
@@ -108,6 +157,7 @@ class Summarizer:
             job_id,
             lease_s=self.settings.pipeline.job_lease_s,
             owner=uuid.uuid4().hex,
+            max_lost_deliveries=self.settings.operations.max_lost_deliveries,
         )
         if claim is None:
             return self._not_claimed(job_id)
@@ -115,7 +165,8 @@ class Summarizer:
             job_id=job_id, stay_id=claim.stay_id, attempt=claim.attempt
         )
         try:
-            outcome = self._run(claim, started)
+            on_progress("claimed", {"attempt": claim.attempt})
+            outcome = self._run(claim, started, on_progress)
         except PermanentError as exc:
             outcome = self._end_permanently(claim, exc, started)
         except RetryableError as exc:
@@ -126,23 +177,87 @@ class Summarizer:
             structlog.contextvars.unbind_contextvars("job_id", "stay_id", "attempt")
         return outcome
 
-    def explain_route(self, stay_id: str) -> tuple[Chart, Prompt, RouteDecision]:
-        """The prompt and route a stay would get, without running the model."""
+    def explain_route(
+        self, stay_id: str, *, stage_ms: dict[str, float] | None = None
+    ) -> tuple[Chart, Prompt, RouteDecision]:
+        """The prompt and route a stay would get, without running the model.
+
+        Args:
+            stay_id: The stay to route.
+            stage_ms: When given, gets the milliseconds spent on
+                ``chart_load``, ``tokenize`` and ``route``.
+        """
+        stages: dict[str, float] = {} if stage_ms is None else stage_ms
+        lap = time.perf_counter()
         chart = self.store.load_chart(stay_id)
+        lap = _lap(stages, "chart_load", lap)
         prompt = build_discharge_prompt(chart, tokens=self.tokens)
+        lap = _lap(stages, "tokenize", lap)
         decision = choose_route(
             prompt_tokens=prompt.tokens,
             completion_budget_tokens=self.settings.pipeline.max_completion_tokens,
             context=self.context,
         )
+        _lap(stages, "route", lap)
         return chart, prompt, decision
 
-    def _run(self, claim: ClaimedJob, started: float) -> JobOutcome:
-        if claim.kind != SummaryKind.DISCHARGE or claim.stay_id is None:
-            raise PermanentError(
-                f"job {claim.job_id}: kind {claim.kind} is not supported yet"
+    def _run(
+        self, claim: ClaimedJob, started: float, on_progress: ProgressCallback
+    ) -> JobOutcome:
+        # Where a job's time goes, logged on its canonical line (ms per stage).
+        stage_ms: dict[str, float] = {}
+        _lap(stage_ms, "claim", started)
+        if claim.kind == SummaryKind.LONGITUDINAL and claim.patient_id is not None:
+            made = self._make_longitudinal(
+                claim, claim.patient_id, on_progress, stage_ms
             )
-        chart, prompt, decision = self.explain_route(claim.stay_id)
+        elif claim.kind == SummaryKind.DISCHARGE and claim.stay_id is not None:
+            made = self._make_discharge(claim, claim.stay_id, on_progress, stage_ms)
+        else:
+            raise PermanentError(
+                f"job {claim.job_id}: kind {claim.kind} needs a"
+                f" {'patient' if claim.kind == SummaryKind.LONGITUDINAL else 'stay'}"
+                " id; the job was created incomplete"
+            )
+        on_progress(
+            "storing",
+            {
+                "route": made.route,
+                "prompt_tokens": made.prompt_tokens,
+                "completion_tokens": made.completion_tokens,
+            },
+        )
+        total_ms = int((time.perf_counter() - started) * 1000)
+        lap = time.perf_counter()
+        state = self._store_summary(claim, made, total_ms)
+        _lap(stage_ms, "write", lap)
+        outcome = JobOutcome(
+            job_id=claim.job_id,
+            state=state,
+            stay_id=made.stay_id,
+            route=made.route,
+            prompt_tokens=made.prompt_tokens,
+            completion_tokens=made.completion_tokens,
+            duration_ms=total_ms,
+            support_rate=made.support.support_rate,
+        )
+        self._log_outcome(
+            outcome,
+            claim,
+            stage_ms=stage_ms,
+            support_rate=round(made.support.support_rate, 3),
+        )
+        return outcome
+
+    def _make_discharge(
+        self,
+        claim: ClaimedJob,
+        stay_id: str,
+        on_progress: ProgressCallback,
+        stage_ms: dict[str, float],
+    ) -> _Made:
+        chart, prompt, decision = self.explain_route(stay_id, stage_ms=stage_ms)
+        lap = time.perf_counter()
         self.store.record_route(
             claim.job_id,
             route=decision.route,
@@ -151,56 +266,196 @@ class Summarizer:
             effective_context_tokens=decision.context.tokens,
             context_source=decision.context.source,
         )
+        _lap(stage_ms, "write", lap)
         log.debug(
             "route_chosen",
             route=decision.route,
             prompt_tokens=prompt.tokens,
             neutralized_tokens=prompt.neutralized_tokens,
         )
-        if decision.route is not Route.SINGLE_PASS:
-            raise NeedsChunkedRouteError(
-                f"stay {chart.stay_id} needs the chunked route, which is not"
-                f" available yet: {decision.explain()}"
-            )
-        generated = self._generate(claim, chart, prompt)
-        total_ms = int((time.perf_counter() - started) * 1000)
-        self.store.complete_job(
-            NewSummary(
-                job_id=claim.job_id,
-                kind=SummaryKind.DISCHARGE,
-                stay_id=chart.stay_id,
-                patient_id=chart.patient_id,
-                schema_version=SCHEMA_VERSION,
-                payload=generated.summary.model_dump(mode="json"),
-                model_name=self.engine.model_name,
-                model_fingerprint=self.model_fingerprint,
-                route=decision.route,
-                prompt_tokens=generated.completion.prompt_tokens,
-                completion_tokens=generated.completion.completion_tokens,
-                input_sha256=chart.content_sha256,
-                generation_ms=generated.completion.duration_ms,
-                total_ms=total_ms,
-            )
+        on_progress(
+            "generating",
+            {"route": decision.route, "prompt_tokens": decision.prompt_tokens},
         )
-        outcome = JobOutcome(
-            job_id=claim.job_id,
-            state=JobState.SUCCEEDED,
+        failed: list[str] = []
+        if decision.route is Route.SINGLE_PASS:
+            generated = self._generate(claim, chart, prompt, stage_ms=stage_ms)
+            summary, completion = generated.summary, generated.completion
+            counts = (
+                completion.prompt_tokens,
+                completion.completion_tokens,
+                completion.duration_ms,
+            )
+        else:
+            lap = time.perf_counter()
+            chunked = summarize_chart_chunked(
+                chart,
+                engine=self.engine,
+                counter=self.tokens,
+                embedder=self.embedder(),
+                context_tokens=self.context.tokens,
+                settings=self.settings.pipeline,
+                seed=self.settings.vllm.seed,
+                request_prefix=f"{claim.job_id}-{claim.attempt}",
+                on_round=lambda: self.store.count_generation_attempt(claim.job_id),
+            )
+            _lap(stage_ms, "engine", lap)
+            summary, failed = chunked.summary, chunked.failed_sections
+            totals = chunked.totals
+            counts = (
+                totals.prompt_tokens,
+                totals.completion_tokens,
+                totals.duration_ms,
+            )
+        lap = time.perf_counter()
+        support = check_summary(summary, chart=chart)
+        _lap(stage_ms, "validate", lap)
+        return _Made(
+            kind=SummaryKind.DISCHARGE,
             stay_id=chart.stay_id,
+            patient_id=chart.patient_id,
+            schema_version=SCHEMA_VERSION,
+            payload=summary.model_dump(mode="json"),
             route=decision.route,
-            prompt_tokens=generated.completion.prompt_tokens,
-            completion_tokens=generated.completion.completion_tokens,
-            duration_ms=total_ms,
+            prompt_tokens=counts[0],
+            completion_tokens=counts[1],
+            generation_ms=counts[2],
+            input_sha256=chart.content_sha256,
+            support=support,
+            failed_sections=failed,
         )
-        self._log_outcome(outcome, claim)
-        return outcome
 
-    def _generate(self, claim: ClaimedJob, chart: Chart, prompt: Prompt) -> _Generated:
+    def _make_longitudinal(
+        self,
+        claim: ClaimedJob,
+        patient_id: str,
+        on_progress: ProgressCallback,
+        stage_ms: dict[str, float],
+    ) -> _Made:
+        lap = time.perf_counter()
+        charts = self.store.load_patient_charts(patient_id)
+        reused = self.store.current_discharge_summaries(charts)
+        lap = _lap(stage_ms, "chart_load", lap)
+        # What one pass would have to read: every note of the stays that
+        # have no summary to reuse.
+        record_tokens = sum(
+            self.tokens.count(note.text)
+            for chart in charts
+            if chart.stay_id not in reused
+            for note in chart.notes
+        )
+        lap = _lap(stage_ms, "tokenize", lap)
+        self.store.record_route(
+            claim.job_id,
+            route=Route.CHUNKED,
+            prompt_tokens=record_tokens,
+            completion_budget_tokens=self.settings.pipeline.chunk_completion_tokens,
+            effective_context_tokens=self.context.tokens,
+            context_source=self.context.source,
+        )
+        lap = _lap(stage_ms, "write", lap)
+        log.debug(
+            "longitudinal_sources",
+            stays=len(charts),
+            reused_summaries=len(reused),
+            record_tokens=record_tokens,
+        )
+        on_progress(
+            "generating", {"route": Route.CHUNKED, "prompt_tokens": record_tokens}
+        )
+        result = summarize_patient(
+            charts,
+            reused=reused,
+            engine=self.engine,
+            counter=self.tokens,
+            embedder=self.embedder(),
+            context_tokens=self.context.tokens,
+            settings=self.settings.pipeline,
+            seed=self.settings.vllm.seed,
+            request_prefix=f"{claim.job_id}-{claim.attempt}",
+            on_round=lambda: self.store.count_generation_attempt(claim.job_id),
+        )
+        lap = _lap(stage_ms, "engine", lap)
+        support = check_longitudinal(result.summary, charts=charts)
+        _lap(stage_ms, "validate", lap)
+        digest = hashlib.sha256(
+            "\n".join(c.content_sha256 for c in charts).encode()
+        ).hexdigest()
+        return _Made(
+            kind=SummaryKind.LONGITUDINAL,
+            stay_id=None,
+            patient_id=patient_id,
+            schema_version=LONGITUDINAL_SCHEMA_VERSION,
+            payload=result.summary.model_dump(mode="json"),
+            route=Route.CHUNKED,
+            prompt_tokens=result.totals.prompt_tokens,
+            completion_tokens=result.totals.completion_tokens,
+            generation_ms=result.totals.duration_ms,
+            input_sha256=digest,
+            support=support,
+            failed_sections=result.failed_sections,
+        )
+
+    def _store_summary(self, claim: ClaimedJob, made: _Made, total_ms: int) -> JobState:
+        """Store the summary; a low support rate or a failed section flags it.
+
+        A flagged summary is stored all the same, so a clinician can review
+        it; the job ends needs_review and its error names the unsupported
+        statements by position (never their text).
+        """
+        min_rate = self.settings.pipeline.min_support_rate
+        summary = NewSummary(
+            job_id=claim.job_id,
+            kind=made.kind,
+            stay_id=made.stay_id,
+            patient_id=made.patient_id,
+            schema_version=made.schema_version,
+            payload=made.payload,
+            model_name=self.engine.model_name,
+            model_fingerprint=self.model_fingerprint,
+            route=made.route,
+            prompt_tokens=made.prompt_tokens,
+            completion_tokens=made.completion_tokens,
+            input_sha256=made.input_sha256,
+            generation_ms=made.generation_ms,
+            total_ms=total_ms,
+            support_rate=made.support.support_rate,
+            support=support_record(made.support, min_rate=min_rate),
+        )
+        reasons = review_reasons(
+            made.support, min_rate=min_rate, failed_sections=made.failed_sections
+        )
+        if not reasons:
+            self.store.complete_job(summary)
+            return JobState.SUCCEEDED
+        code = "low_support" if made.support.support_rate < min_rate else "incomplete"
+        self.store.complete_job_for_review(
+            summary, error_code=code, error="; ".join(reasons)
+        )
+        log.info(
+            "summary_needs_review",
+            error_code=code,
+            unsupported_statements=len(made.support.unsupported),
+            failed_sections=len(made.failed_sections),
+        )
+        return JobState.NEEDS_REVIEW
+
+    def _generate(
+        self,
+        claim: ClaimedJob,
+        chart: Chart,
+        prompt: Prompt,
+        *,
+        stage_ms: dict[str, float],
+    ) -> _Generated:
         budget = self.settings.pipeline.max_completion_tokens
-        schema = discharge_json_schema(chart.note_ids)
+        schema = discharge_json_schema(list(prompt.aliases))
         allowed = set(chart.note_ids)
         reasons: list[str] = []
         for attempt in range(1, self.settings.pipeline.max_generation_attempts + 1):
+            lap = time.perf_counter()
             self.store.count_generation_attempt(claim.job_id)
+            lap = _lap(stage_ms, "write", lap)
             completion = self.engine.complete(
                 CompletionRequest(
                     request_id=f"{claim.job_id}-{claim.attempt}-{attempt}",
@@ -211,20 +466,29 @@ class Summarizer:
                     # the same invalid output.
                     temperature=0.0 if attempt == 1 else 0.7,
                     seed=self.settings.vllm.seed + attempt,
+                    repetition_penalty=self.settings.pipeline.repetition_penalty,
                 )
             )
+            lap = _lap(stage_ms, "engine", lap)
             if completion.finish_reason == "length":
                 reasons.append(f"attempt {attempt}: cut off at {budget} tokens")
                 log.warning("completion_cut_off", generation_attempt=attempt)
                 continue
             try:
-                summary = DischargeSummary.model_validate_json(
-                    completion.text, context={"note_ids": allowed}
+                summary = DischargeSummary.model_validate(
+                    resolve_aliases(json.loads(completion.text), prompt.aliases),
+                    context={"note_ids": allowed},
                 )
+            except json.JSONDecodeError as exc:
+                reasons.append(f"attempt {attempt}: not JSON ({exc.msg})")
+                log.warning("completion_invalid", generation_attempt=attempt)
+                continue
             except ValidationError as exc:
                 reasons.append(f"attempt {attempt}: {_describe(exc)}")
                 log.warning("completion_invalid", generation_attempt=attempt)
                 continue
+            finally:
+                _lap(stage_ms, "validate", lap)
             return _Generated(summary, completion)
         raise CompletionInvalidError(
             f"no valid summary after {len(reasons)} generation attempts: "
@@ -271,6 +535,73 @@ class Summarizer:
             attempt=claim.attempt,
             **extra,
         )
+
+
+def support_record(support: SummarySupport, *, min_rate: float) -> dict[str, Any]:
+    """Per-statement support as stored with the summary (JSON)."""
+    return {
+        "rate": support.support_rate,
+        "min_rate": min_rate,
+        "statements": [
+            {
+                "section": item.section,
+                "index": item.index,
+                "supported": item.supported,
+                "missing": [
+                    {"kind": fact.kind, "text": fact.text} for fact in item.missing
+                ],
+                "unknown_note_ids": list(item.unknown_note_ids),
+            }
+            for item in support.statements
+        ],
+    }
+
+
+def review_reasons(
+    support: SummarySupport, *, min_rate: float, failed_sections: list[str]
+) -> list[str]:
+    """Why a summary needs review, by section and position only; [] if it does not."""
+    reasons = []
+    if support.support_rate < min_rate:
+        where = ", ".join(f"{s.section}[{s.index}]" for s in support.unsupported)
+        reasons.append(
+            f"support rate {support.support_rate:.2f} is below {min_rate:.2f};"
+            f" unsupported statements: {where}"
+        )
+    if failed_sections:
+        reasons.append(
+            "sections left empty after every generation attempt failed: "
+            + ", ".join(failed_sections)
+        )
+    return reasons
+
+
+def _lap(stage_ms: dict[str, float], stage: str, since: float) -> float:
+    """Add the milliseconds since ``since`` to ``stage``; return the time now."""
+    now = time.perf_counter()
+    stage_ms[stage] = round(stage_ms.get(stage, 0.0) + (now - since) * 1000, 1)
+    return now
+
+
+def resolve_aliases(data: Any, aliases: dict[str, str]) -> Any:
+    """Replace note aliases (N1, ...) by note ids in every statement's citations.
+
+    Anything that is not an alias is left as it is, so validation rejects it.
+    """
+    if not isinstance(data, dict):
+        return data
+    for statements in data.values():
+        if not isinstance(statements, list):
+            continue
+        for statement in statements:
+            if isinstance(statement, dict) and isinstance(
+                statement.get("note_ids"), list
+            ):
+                statement["note_ids"] = [
+                    aliases.get(n, n) if isinstance(n, str) else n
+                    for n in statement["note_ids"]
+                ]
+    return data
 
 
 def _describe(exc: ValidationError) -> str:

@@ -112,6 +112,37 @@ class PipelineSettings(BaseModel):
             " invalid output)."
         ),
     )
+    repetition_penalty: float = Field(
+        1.05,
+        description=(
+            "Penalty on repeated tokens while generating summaries; small"
+            " models loop without it (1.0 turns it off)."
+        ),
+    )
+    chunk_completion_tokens: int = Field(
+        320,
+        description=(
+            "Completion budget of one chunked-route request (one section);"
+            " small, because CPU generation is slow and sections are short."
+        ),
+    )
+    chunk_top_k: int = Field(
+        8,
+        description=(
+            "Chunks retrieved per section on the chunked route; as many as"
+            " fit the effective context are quoted."
+        ),
+    )
+    min_support_rate: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Least share of statements whose facts appear in their cited"
+            " notes; a summary below it is stored but its job ends"
+            " needs_review, listing the unsupported statements."
+        ),
+    )
     uncalibrated_context_tokens: int = Field(
         4096,
         description=(
@@ -130,6 +161,50 @@ class PipelineSettings(BaseModel):
         1800,
         description=(
             "Seconds a running job is held before another delivery may take it."
+        ),
+    )
+
+
+class OperationsSettings(BaseModel):
+    """Delivery safety nets, backfills and Flower."""
+
+    max_lost_deliveries: int = Field(
+        3,
+        description=(
+            "Deliveries a job may lose (worker killed mid-job) before it is set"
+            " aside as failed."
+        ),
+    )
+    sweep_interval_s: int = Field(
+        300, description="Seconds between sweeps for stuck jobs (Celery beat)."
+    )
+    queued_stale_s: int = Field(
+        3600,
+        description="A queued job untouched this long is sent again by the sweep.",
+    )
+    nightly_backfill_enabled: bool = Field(
+        True, description="Run the nightly backfill from Celery beat."
+    )
+    nightly_backfill_hour_utc: int = Field(
+        2, description="Hour (UTC) the nightly backfill starts."
+    )
+    nightly_backfill_days: int = Field(
+        30,
+        description=(
+            "The nightly backfill covers stays discharged in this many past days."
+        ),
+    )
+    backfill_rate_limit_per_s: float = Field(
+        200.0, description="Most backfill jobs queued per second (0: no limit)."
+    )
+    flower_address: str = Field(
+        "127.0.0.1", description="Address Flower listens on."
+    )
+    flower_port: int = Field(5555, description="Port Flower listens on.")
+    flower_basic_auth: SecretStr | None = Field(
+        None,
+        description=(
+            "user:password for Flower; required to listen beyond localhost."
         ),
     )
 
@@ -165,6 +240,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     vllm: VllmSettings = VllmSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    operations: OperationsSettings = OperationsSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @cached_property

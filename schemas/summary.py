@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 SCHEMA_VERSION = "discharge-1"
 
-#: Longest statement (characters); about 75 tokens of English.
-MAX_STATEMENT_CHARS = 300
+#: Longest statement (characters); about 60 tokens of English.
+MAX_STATEMENT_CHARS = 240
 #: Most notes one statement may cite.
 MAX_CITATIONS = 3
 
@@ -38,6 +38,14 @@ class Statement(BaseModel):
     def _text_is_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("statement text is blank")
+        return value
+
+    @field_validator("note_ids", mode="before")
+    @classmethod
+    def _drop_repeated_citations(cls, value: Any) -> Any:
+        # Citing one note twice says nothing more; keep the first mention.
+        if isinstance(value, list):
+            return list(dict.fromkeys(value))
         return value
 
     @field_validator("note_ids")
@@ -64,22 +72,22 @@ class DischargeSummary(BaseModel):
 
     hospital_course: list[Statement] = Field(
         min_length=1,
-        max_length=6,
+        max_length=5,
         description="Why the patient came and what happened, in time order.",
     )
-    discharge_diagnoses: list[Statement] = _section(8, "Diagnoses active at discharge.")
+    discharge_diagnoses: list[Statement] = _section(6, "Diagnoses at discharge.")
     discharge_medications: list[Statement] = _section(
-        10, "Medications to take after discharge, with dose where stated."
+        8, "Medications to take after discharge, with dose where stated."
     )
-    allergies: list[Statement] = _section(4, "Allergies and intolerances.")
-    procedures: list[Statement] = _section(8, "Procedures performed in the stay.")
-    consultations: list[Statement] = _section(4, "Specialist consultations.")
+    allergies: list[Statement] = _section(3, "Allergies and intolerances.")
+    procedures: list[Statement] = _section(6, "Procedures performed in the stay.")
+    consultations: list[Statement] = _section(3, "Specialist consultations.")
     pending_results: list[Statement] = _section(
-        4, "Tests whose results were not back at discharge."
+        3, "Tests whose results were not back at discharge."
     )
-    follow_up: list[Statement] = _section(5, "Follow-up appointments and plan.")
+    follow_up: list[Statement] = _section(4, "Follow-up appointments and plan.")
     discharge_instructions: list[Statement] = _section(
-        5, "Instructions given to the patient."
+        4, "Instructions given to the patient."
     )
     condition_at_discharge: list[Statement] = _section(
         1, "The patient's condition at discharge."
@@ -108,9 +116,10 @@ def discharge_json_schema(note_ids: list[str]) -> dict[str, Any]:
         so the engine cannot emit a citation outside the stay.
     """
     schema = copy.deepcopy(_BASE_SCHEMA)
-    items = schema["$defs"]["Statement"]["properties"]["note_ids"]["items"]
-    items.clear()
-    items["enum"] = list(note_ids)
+    citations = schema["$defs"]["Statement"]["properties"]["note_ids"]
+    citations["items"] = {"enum": list(note_ids)}
+    # A one-note stay cites that note once; repeats would only cost tokens.
+    citations["maxItems"] = max(1, min(MAX_CITATIONS, len(note_ids)))
     # Every section is required when decoding, so the model considers each
     # one and writes [] where the chart says nothing.
     schema["required"] = list(schema["properties"])

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     DateTime,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
@@ -126,6 +127,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_state_kind", "state", "kind"),
         Index("ix_jobs_stay_kind", "stay_id", "kind"),
+        Index("ix_jobs_state_updated", "state", "updated_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -136,6 +138,11 @@ class Job(Base):
     queue: Mapped[str] = mapped_column(String(64))
     #: Deliveries that claimed the job (a redelivery after a crash counts).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Deliveries that took over a job whose previous delivery never finished
+    #: (its worker died); too many and the job is set aside as failed.
+    lost_deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    #: Where the job came from: "realtime", "backfill" or a backfill id.
+    origin: Mapped[str | None] = mapped_column(String(64))
     generation_attempts: Mapped[int] = mapped_column(Integer, default=0)
     route: Mapped[str | None] = mapped_column(String(32))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
@@ -150,6 +157,25 @@ class Job(Base):
     created_at: Mapped[datetime] = _now()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Last change of state or lease; the sweep finds stuck jobs by it.
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Backfill(Base):
+    """A backfill run, so that running it again resumes instead of repeating."""
+
+    __tablename__ = "backfills"
+
+    #: Derived from the backfill's arguments: the same arguments, the same row.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    arguments: Mapped[dict[str, Any]] = mapped_column(Json)
+    #: Last stay id handled, in id order; resuming starts after it.
+    cursor: Mapped[str | None] = mapped_column(String(128))
+    queued: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now()
 
 
 class Summary(Base):
@@ -178,6 +204,11 @@ class Summary(Base):
     input_sha256: Mapped[str] = mapped_column(String(64))
     generation_ms: Mapped[int] = mapped_column(Integer)
     total_ms: Mapped[int] = mapped_column(Integer)
+    #: Share of statements whose facts appear in their cited notes (0-1);
+    #: None for summaries stored before the check existed.
+    support_rate: Mapped[float | None] = mapped_column(Float)
+    #: Per-statement support: section, index, supported, missing facts.
+    support: Mapped[dict[str, Any] | None] = mapped_column(Json)
     created_at: Mapped[datetime] = _now()
 
 

@@ -18,6 +18,7 @@ import structlog
 
 from pipelines.store import ChartStore
 from schemas.settings import Settings
+from schemas.tables import Base
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -55,13 +56,12 @@ def pg_database() -> Iterator[str]:
 
 
 def _truncate(store: ChartStore) -> None:
+    tables = [table.name for table in reversed(Base.metadata.sorted_tables)]
     with store.engine.begin() as conn:
         if store.engine.dialect.name == "postgresql":
-            conn.exec_driver_sql(
-                "TRUNCATE summaries, jobs, notes, stays, patients CASCADE"
-            )
+            conn.exec_driver_sql(f"TRUNCATE {', '.join(tables)} CASCADE")
         else:
-            for table in ("summaries", "jobs", "notes", "stays", "patients"):
+            for table in tables:
                 conn.exec_driver_sql(f"DELETE FROM {table}")
 
 

@@ -64,6 +64,8 @@ class ScriptedEngine:
     def __init__(self, answers: Callable[[CompletionRequest], tuple[str, str]]) -> None:
         self.answers = answers
         self.requests: list[CompletionRequest] = []
+        #: Size of each complete_many call, to check requests go together.
+        self.batches: list[int] = []
         self._lock = threading.Lock()
 
     def complete(self, request: CompletionRequest) -> Completion:
@@ -75,7 +77,28 @@ class ScriptedEngine:
 
     def complete_many(self, requests: Sequence[CompletionRequest]) -> list[Completion]:
         """Answer each request in order."""
+        with self._lock:
+            self.batches.append(len(requests))
         return [self.complete(request) for request in requests]
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def section_answer(
+    text: str = "Admitted for acute bronchitis.",
+) -> Callable[[CompletionRequest], tuple[str, str]]:
+    """A script for chunked-route requests: one statement citing the first note.
+
+    The section and the allowed note labels are read from the request's
+    JSON schema, as the engine's constrained decoding would.
+    """
+
+    def answer(request: CompletionRequest) -> tuple[str, str]:
+        assert request.json_schema is not None
+        section = request.json_schema["required"][0]
+        items = request.json_schema["properties"][section]["items"]
+        alias = items["properties"]["note_ids"]["items"]["enum"][0]
+        return json.dumps({section: [{"text": text, "note_ids": [alias]}]}), "stop"
+
+    return answer

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.schedules import crontab
 from kombu import Queue
 
 from schemas.settings import Settings
@@ -13,6 +14,8 @@ from workers.constants import (
     QUEUE_CALIBRATION,
     QUEUE_REALTIME,
     RESULT_TTL_S,
+    TASK_NIGHTLY_BACKFILL,
+    TASK_SWEEP,
 )
 
 
@@ -46,7 +49,28 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
+        "beat_schedule": beat_schedule(settings),
+        "timezone": "UTC",
     }
+
+
+def beat_schedule(settings: Settings) -> dict[str, Any]:
+    """Periodic tasks: the sweep for stuck jobs and the nightly backfill."""
+    ops = settings.operations
+    schedule: dict[str, Any] = {
+        "sweep-stuck-jobs": {
+            "task": TASK_SWEEP,
+            "schedule": float(ops.sweep_interval_s),
+            "options": {"queue": QUEUE_REALTIME},
+        }
+    }
+    if ops.nightly_backfill_enabled:
+        schedule["nightly-backfill"] = {
+            "task": TASK_NIGHTLY_BACKFILL,
+            "schedule": crontab(minute=0, hour=ops.nightly_backfill_hour_utc),
+            "options": {"queue": QUEUE_BACKFILL},
+        }
+    return schedule
 
 
 def create_app(settings: Settings | None = None) -> Celery:

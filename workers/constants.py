@@ -11,6 +11,8 @@ QUEUE_CALIBRATION = "chartsum.calibration"
 
 #: Stable task names: operators read these on Flower.
 TASK_SUMMARIZE = "chartsum.summarize"
+TASK_SWEEP = "chartsum.sweep_jobs"
+TASK_NIGHTLY_BACKFILL = "chartsum.nightly_backfill"
 
 #: Retries for failures that may pass (engine or database down).
 MAX_RETRIES = 8

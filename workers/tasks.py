@@ -19,9 +19,12 @@ from schemas.settings import Settings
 from schemas.tables import JobState
 from workers.constants import (
     MAX_RETRIES,
+    QUEUE_BACKFILL,
     RETRY_BACKOFF_MAX_S,
     RETRY_BACKOFF_S,
+    TASK_NIGHTLY_BACKFILL,
     TASK_SUMMARIZE,
+    TASK_SWEEP,
 )
 
 log = structlog.get_logger("chartsum.worker")
@@ -58,6 +61,7 @@ def register(app: Celery) -> None:
 
     @app.task(
         name=TASK_SUMMARIZE,
+        shared=False,
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
@@ -76,10 +80,76 @@ def register(app: Celery) -> None:
         finally:
             structlog.contextvars.clear_contextvars()
 
+    @app.task(name=TASK_SWEEP, bind=True, ignore_result=True, shared=False)
+    def sweep_jobs(self: Task) -> dict[str, int]:
+        """Send again every job no delivery will finish on its own."""
+        from pipelines.operations import find_stuck_jobs, touch_jobs
+        from pipelines.runtime import open_store
+
+        settings: Settings = self.app.conf.chartsum_settings
+        store = open_store(settings)
+        try:
+            stuck = find_stuck_jobs(
+                store, queued_stale_s=settings.operations.queued_stale_s
+            )
+            for job in stuck:
+                self.app.send_task(TASK_SUMMARIZE, args=[job.job_id], queue=job.queue)
+            touch_jobs(store, [job.job_id for job in stuck])
+        finally:
+            store.close()
+        if stuck:
+            log.warning("stuck_jobs_resent", jobs=len(stuck))
+        return {"resent": len(stuck)}
+
+    @app.task(name=TASK_NIGHTLY_BACKFILL, bind=True, shared=False)
+    def nightly_backfill(self: Task) -> dict[str, Any]:
+        """Queue summaries missing, or made by another model, for recent stays."""
+        from datetime import timedelta
+
+        from pipelines.backfill import BackfillRequest, run_backfill
+        from pipelines.model import model_fingerprint
+        from pipelines.runtime import open_store
+        from pipelines.store import utcnow
+
+        settings: Settings = self.app.conf.chartsum_settings
+        today = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+        request = BackfillRequest(
+            since=today - timedelta(days=settings.operations.nightly_backfill_days),
+            until=today,
+            missing_only=True,
+            model_changed_from=model_fingerprint(settings.model_dir),
+        )
+        store = open_store(settings)
+        try:
+            counts = run_backfill(
+                store,
+                request,
+                send=lambda job_id, queue: self.app.send_task(
+                    TASK_SUMMARIZE, args=[job_id], queue=queue
+                ),
+                queue=QUEUE_BACKFILL,
+                rate_limit_per_s=settings.operations.backfill_rate_limit_per_s,
+            )
+        finally:
+            store.close()
+        return {
+            "backfill_id": counts.backfill_id,
+            "queued": counts.queued,
+            "skipped": counts.skipped,
+            "failed": counts.failed,
+        }
+
 
 def _run(task: Task, summarizer: Summarizer, job_id: str) -> dict[str, Any]:
+    def report(stage: str, meta: dict[str, Any]) -> None:
+        # A custom task state Flower shows for running jobs: ids and counts.
+        if task.request.id is not None:
+            task.update_state(
+                state="PROGRESS", meta={"job_id": job_id, "stage": stage, **meta}
+            )
+
     try:
-        outcome = summarizer.process_job(job_id)
+        outcome = summarizer.process_job(job_id, on_progress=report)
     except RetryableError as exc:
         retries = task.request.retries
         if retries >= MAX_RETRIES:

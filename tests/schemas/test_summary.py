@@ -47,7 +47,7 @@ def test_bounds_stop_an_overlong_statement_and_section() -> None:
     """Strings and lists are bounded so a looping model cannot grow them forever."""
     with pytest.raises(ValidationError):
         Statement(text="x" * (MAX_STATEMENT_CHARS + 1), note_ids=["n1"])
-    many = [{"text": "x", "note_ids": ["n1"]}] * 7
+    many = [{"text": "x", "note_ids": ["n1"]}] * 6
     with pytest.raises(ValidationError):
         DischargeSummary.model_validate({"hospital_course": many})
 
@@ -74,8 +74,8 @@ statements = st.builds(
 @given(
     st.builds(
         DischargeSummary,
-        hospital_course=st.lists(statements, min_size=1, max_size=6),
-        discharge_medications=st.lists(statements, max_size=10),
+        hospital_course=st.lists(statements, min_size=1, max_size=5),
+        discharge_medications=st.lists(statements, max_size=8),
     )
 )
 def test_summaries_round_trip_through_json(summary: DischargeSummary) -> None:

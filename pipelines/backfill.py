@@ -1,0 +1,244 @@
+"""Backfills: re-summarizing history, resumable and idempotent.
+
+A backfill is identified by its arguments. Its row keeps a cursor (the last
+stay id handled, stays being walked in id order) and its counts, committed
+page by page; running the same backfill again resumes after the cursor, and
+once finished it queues nothing new. Stays with a job still queued or
+running are skipped, so a backfill never doubles live work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+import structlog
+from sqlalchemy import and_, exists, func, or_, select
+
+from pipelines.store import ChartStore, utcnow
+from schemas.tables import Backfill, Job, JobState, Stay, Summary
+
+log = structlog.get_logger("chartsum.backfill")
+
+#: Stays read and queued per transaction; also the resume granularity.
+PAGE_SIZE = 500
+
+#: Sends one job's task: (job id, queue name). Raises if the broker is down.
+SendJob = Callable[[str, str], None]
+#: Told after each page: (queued, skipped, failed) so far.
+ProgressHook = Callable[[int, int, int], None]
+
+
+@dataclass(frozen=True)
+class BackfillRequest:
+    """What to re-summarize.
+
+    Attributes:
+        since: Stays discharged at or after this time (admitted, when the
+            discharge time is unknown).
+        until: ... and before this time.
+        kind: Summary kind.
+        missing_only: Only stays without a succeeded summary of the kind.
+        model_changed_from: When set (the current model fingerprint), stays
+            whose newest summary was made by another model.
+    """
+
+    since: datetime
+    until: datetime
+    kind: str = "discharge"
+    missing_only: bool = False
+    model_changed_from: str | None = None
+
+    @property
+    def backfill_id(self) -> str:
+        """A stable id: the same arguments give the same backfill."""
+        payload = json.dumps(asdict(self), default=str, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class BackfillCounts:
+    """The outcome of a backfill run (cumulative over resumes)."""
+
+    backfill_id: str
+    queued: int
+    skipped: int
+    failed: int
+    already_finished: bool = False
+
+
+def count_backfill_stays(store: ChartStore, request: BackfillRequest) -> int:
+    """How many stays fall in the backfill's time window (for a progress bar)."""
+    with store.session() as session:
+        return int(
+            session.execute(
+                select(func.count()).select_from(Stay).where(_in_window(request))
+            ).scalar_one()
+        )
+
+
+def run_backfill(
+    store: ChartStore,
+    request: BackfillRequest,
+    *,
+    send: SendJob,
+    queue: str,
+    rate_limit_per_s: float = 0.0,
+    progress: ProgressHook | None = None,
+) -> BackfillCounts:
+    """Queue a job for every stay the request selects, resuming if interrupted.
+
+    Args:
+        store: The database.
+        request: The selection.
+        send: Sends a job's task; a failure counts the stay as failed (its
+            job stays queued, and the periodic sweep sends it later).
+        queue: Queue name for the jobs.
+        rate_limit_per_s: Most jobs sent per second; 0 means no limit.
+        progress: Called after each page with the running counts.
+    """
+    backfill_id = request.backfill_id
+    row = _open_backfill(store, request)
+    if row.finished_at is not None:
+        return BackfillCounts(
+            backfill_id, row.queued, row.skipped, row.failed, already_finished=True
+        )
+    queued, skipped, failed = row.queued, row.skipped, row.failed
+    cursor = row.cursor
+    interval_s = 1.0 / rate_limit_per_s if rate_limit_per_s > 0 else 0.0
+    next_send = time.monotonic()
+    while True:
+        page = _next_page(store, request, after=cursor)
+        if not page:
+            break
+        for stay_id, wanted in page:
+            if not wanted:
+                skipped += 1
+                continue
+            [(job_id, created)] = store.create_jobs(
+                kind=request.kind, stay_ids=[stay_id], queue=queue, origin=backfill_id
+            )
+            if not created and not _ours_and_unsent(store, job_id, backfill_id):
+                skipped += 1
+                continue
+            next_send = _wait_for_rate(next_send, interval_s)
+            try:
+                send(job_id, queue)
+                queued += 1
+            except Exception as exc:  # the broker is down or refused
+                failed += 1
+                log.warning("backfill_send_failed", job_id=job_id, error=type(exc).__name__)
+        cursor = page[-1][0]
+        _save_progress(store, backfill_id, cursor, queued, skipped, failed)
+        if progress is not None:
+            progress(queued, skipped, failed)
+    _save_progress(store, backfill_id, cursor, queued, skipped, failed, done=True)
+    log.info(
+        "backfill_completed",
+        backfill_id=backfill_id,
+        queued=queued,
+        skipped=skipped,
+        failed=failed,
+    )
+    return BackfillCounts(backfill_id, queued, skipped, failed)
+
+
+def _ours_and_unsent(store: ChartStore, job_id: str, backfill_id: str) -> bool:
+    # A job this backfill created whose send was interrupted: send it now
+    # (a duplicate message is harmless, the job's lease decides).
+    job = store.get_job(job_id)
+    return job is not None and job.origin == backfill_id and job.state == "queued"
+
+
+def _in_window(request: BackfillRequest):  # type: ignore[no-untyped-def]
+    when = func.coalesce(Stay.discharge_time, Stay.admit_time)
+    return and_(when >= request.since, when < request.until)
+
+
+def _next_page(
+    store: ChartStore, request: BackfillRequest, *, after: str | None
+) -> list[tuple[str, bool]]:
+    """The next stays in id order, each with whether the request wants it."""
+    open_job = exists().where(
+        Job.stay_id == Stay.id,
+        Job.kind == request.kind,
+        Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
+        # Queued jobs of this very backfill may still need their message.
+        ~((Job.origin == request.backfill_id) & (Job.state == JobState.QUEUED)),
+    )
+    done = exists().where(
+        Summary.stay_id == Stay.id,
+        Summary.kind == request.kind,
+    )
+    wanted = ~open_job
+    reasons = []
+    if request.missing_only:
+        reasons.append(~done)
+    if request.model_changed_from is not None:
+        newest = (
+            select(Summary.model_fingerprint)
+            .where(Summary.stay_id == Stay.id, Summary.kind == request.kind)
+            .order_by(Summary.created_at.desc(), Summary.id.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        reasons.append(done & (newest != request.model_changed_from))
+    if reasons:
+        wanted = wanted & or_(*reasons)
+    query = (
+        select(Stay.id, wanted)
+        .where(_in_window(request))
+        .order_by(Stay.id)
+        .limit(PAGE_SIZE)
+    )
+    if after is not None:
+        query = query.where(Stay.id > after)
+    with store.session() as session:
+        return [(stay_id, bool(flag)) for stay_id, flag in session.execute(query)]
+
+
+def _open_backfill(store: ChartStore, request: BackfillRequest) -> Backfill:
+    with store.session() as session:
+        row = session.get(Backfill, request.backfill_id)
+        if row is None:
+            row = Backfill(
+                id=request.backfill_id,
+                arguments=json.loads(json.dumps(asdict(request), default=str)),
+                cursor=None,
+                queued=0,
+                skipped=0,
+                failed=0,
+            )
+            session.add(row)
+        return row
+
+
+def _save_progress(
+    store: ChartStore,
+    backfill_id: str,
+    cursor: str | None,
+    queued: int,
+    skipped: int,
+    failed: int,
+    *,
+    done: bool = False,
+) -> None:
+    with store.session() as session:
+        row = session.get(Backfill, backfill_id)
+        assert row is not None
+        row.cursor, row.queued, row.skipped, row.failed = cursor, queued, skipped, failed
+        if done:
+            row.finished_at = utcnow()
+
+
+def _wait_for_rate(next_send: float, interval_s: float) -> float:
+    if interval_s <= 0:
+        return next_send
+    delay_s = next_send - time.monotonic()
+    if delay_s > 0:
+        time.sleep(delay_s)
+    return max(next_send, time.monotonic()) + interval_s

@@ -1,0 +1,101 @@
+"""What operators need from the database: stuck jobs, counts, failures.
+
+The sweep finds jobs that no delivery will finish on its own: running with
+an expired lease (the worker died and Redis has not redelivered yet), or
+queued for longer than any message should wait (the message was lost, for
+example when Redis restarted without persistence). Sending their task again
+is always safe: the job's lease decides who runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+
+from pipelines.store import ChartStore, utcnow
+from schemas.tables import Job, JobState
+
+
+@dataclass(frozen=True)
+class StuckJob:
+    """A job the sweep sends again."""
+
+    job_id: str
+    queue: str
+    state: str
+
+
+@dataclass(frozen=True)
+class FailedJob:
+    """A recent failure, as `chartsum status` shows it."""
+
+    job_id: str
+    stay_id: str | None
+    state: str
+    error_code: str | None
+    error: str | None
+    finished_at: datetime | None
+
+
+def find_stuck_jobs(
+    store: ChartStore, *, queued_stale_s: int, limit: int = 1000
+) -> list[StuckJob]:
+    """Jobs to send again: expired leases, and queued jobs left too long.
+
+    Args:
+        store: The database.
+        queued_stale_s: A queued job untouched this long is taken as lost.
+        limit: Most jobs returned per sweep.
+    """
+    now = utcnow()
+    expired = (Job.state == JobState.RUNNING) & (Job.lease_until < now)
+    stale = (Job.state == JobState.QUEUED) & (
+        func.coalesce(Job.updated_at, Job.created_at)
+        < now - timedelta(seconds=queued_stale_s)
+    )
+    with store.session() as session:
+        rows = session.execute(
+            select(Job.id, Job.queue, Job.state)
+            .where(expired | stale)
+            .order_by(Job.created_at)
+            .limit(limit)
+        ).all()
+    return [StuckJob(job_id, queue, state) for job_id, queue, state in rows]
+
+
+def touch_jobs(store: ChartStore, job_ids: list[str]) -> None:
+    """Mark queued jobs as just sent, so the next sweep waits for them again."""
+    if not job_ids:
+        return
+    with store.session() as session:
+        session.execute(
+            Job.__table__.update()
+            .where(Job.id.in_(job_ids), Job.state == JobState.QUEUED)
+            .values(updated_at=utcnow())
+        )
+
+
+def count_jobs_by_state(store: ChartStore) -> dict[str, int]:
+    """How many jobs are in each state."""
+    with store.session() as session:
+        rows = session.execute(
+            select(Job.state, func.count()).group_by(Job.state)
+        ).all()
+    return {state: count for state, count in rows}
+
+
+def recent_failures(store: ChartStore, *, limit: int = 10) -> list[FailedJob]:
+    """The newest jobs that ended failed or needs_review, with their reasons."""
+    with store.session() as session:
+        rows = session.execute(
+            select(
+                Job.id, Job.stay_id, Job.state, Job.error_code, Job.error,
+                Job.finished_at,
+            )
+            .where(Job.state.in_([JobState.FAILED, JobState.NEEDS_REVIEW]))
+            .order_by(Job.finished_at.desc())
+            .limit(limit)
+        ).all()
+    return [FailedJob(*row) for row in rows]
