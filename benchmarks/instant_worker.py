@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from benchmarks import worker_entry
 from benchmarks.instant import InstantEngine
 from pipelines.logs import configure_logging
 from pipelines.model import model_fingerprint
@@ -24,6 +25,7 @@ def main(argv: list[str]) -> None:
     """Build an instant-responder summarizer and run a Celery worker."""
     settings = Settings()
     configure_logging(settings.logging)
+    assert worker_entry.keep_chartsum_logging  # Celery leaves logging alone
     store = open_store(settings)
     fingerprint = model_fingerprint(settings.model_dir)
     install_summarizer(

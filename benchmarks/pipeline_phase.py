@@ -92,13 +92,16 @@ def run_pipeline(
 
 
 def worker_command(
-    concurrency: int, *, entry: Sequence[str] = ("chartsum", "worker")
+    concurrency: int,
+    *,
+    entry: Sequence[str] = ("benchmarks.worker_entry", "worker"),
 ) -> list[str]:
     """A worker on the realtime queue with this concurrency.
 
     Args:
         concurrency: Worker threads.
-        entry: Module to run and its arguments (default ``chartsum worker``).
+        entry: Module to run and its arguments (default: ``chartsum worker``
+            with its INFO lines kept; see ``benchmarks.worker_entry``).
     """
     return [
         sys.executable,

@@ -65,12 +65,22 @@ def ratio(numerator: float, denominator: float) -> float:
 
 
 def format_ratio(value: float, *, target: float, at_least: bool = True) -> str:
-    """A ratio with its target and whether it was met, e.g. ``0.93 (>= 0.9 met)``."""
+    """A ratio with its target and whether it was met.
+
+    Example: ``0.93 (target >= 0.9: met)``.
+    """
     if math.isnan(value):
-        return f"n/a (target {'>=' if at_least else '<='} {target:g})"
-    met = value >= target if at_least else value <= target
+        return f"n/a {verdict(value, target=target, at_least=at_least)}"
+    return f"{value:.2f} {verdict(value, target=target, at_least=at_least)}"
+
+
+def verdict(value: float, *, target: float, at_least: bool = True) -> str:
+    """Whether a value met its target, e.g. ``(target <= 20: MISSED)``."""
     sign = ">=" if at_least else "<="
-    return f"{value:.2f} (target {sign} {target:g}: {'met' if met else 'MISSED'})"
+    if math.isnan(value):
+        return f"(target {sign} {target:g}: not measured)"
+    met = value >= target if at_least else value <= target
+    return f"(target {sign} {target:g}: {'met' if met else 'MISSED'})"
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

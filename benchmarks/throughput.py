@@ -35,6 +35,7 @@ from benchmarks.stats import (
     phase_table,
     ratio,
     stage_table,
+    verdict,
 )
 from benchmarks.workload import (
     StayRequest,
@@ -327,16 +328,15 @@ def _overhead_section(
         "instant responder (no model; what chartsum itself costs):",
         f"  in process, one job at a time: {in_process.jobs} jobs,"
         f" {in_process.ms_per_job:.1f} ms/job "
-        + format_ratio(
-            in_process.ms_per_job, target=TARGET_OVERHEAD_MS, at_least=False
-        ),
+        + verdict(in_process.ms_per_job, target=TARGET_OVERHEAD_MS, at_least=False),
         stage_table(
             in_process.stage_ms,
             job_ms=[in_process.ms_per_job] * max(1, in_process.jobs),
         ),
         f"  through Celery + Redis (worker concurrency {concurrency}):"
         f" {run.stays} jobs in {run.wall_s:.1f} s, {amortized_ms:.1f} ms/job"
-        f" amortized ({run.stays_per_min / 60:.0f} jobs/s); latency p50"
+        f" amortized {verdict(amortized_ms, target=TARGET_OVERHEAD_MS, at_least=False)}"
+        f" ({run.stays_per_min / 60:.0f} jobs/s); latency p50"
         f" {run.p50_ms:.0f} ms, p95 {run.p95_ms:.0f} ms",
         *[f"    {note}" for note in run.notes],
         stage_table(celery_run.stage_ms, job_ms=celery_run.job_ms),
@@ -349,7 +349,7 @@ def _overhead_section(
         lines.append(
             f"    {rate.path}, {rate.jobs} jobs{f' ({rate.note})' if rate.note else ''}"
             f": {rate.wall_s:.1f} s, {rate.jobs_per_s:.0f} jobs/s "
-            + format_ratio(rate.jobs_per_s, target=TARGET_ENQUEUE_PER_S)
+            + verdict(rate.jobs_per_s, target=TARGET_ENQUEUE_PER_S)
         )
     lines.append("")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
+from chartsum.cli_bench import bench
 from chartsum.cli_calibrate import calibrate
 from chartsum.cli_ops import register as register_ops_commands
 from pipelines.errors import ChartsumError, RetryableError
@@ -207,7 +208,7 @@ def worker(ctx: click.Context, concurrency: int | None, queues: str) -> None:
             "--pool=threads",
             f"--concurrency={concurrency or settings.pipeline.worker_concurrency}",
             f"--queues={queues}",
-            "--loglevel=WARNING",
+            f"--loglevel={settings.logging.level}",
             "--without-gossip",
             "--without-mingle",
         ]
@@ -258,7 +259,8 @@ def _run_jobs(summarizer: Any, job_ids: list[str], settings: Settings) -> list[A
     def one(job_id: str) -> JobOutcome:
         for attempt in range(3):
             try:
-                return summarizer.process_job(job_id)
+                outcome: JobOutcome = summarizer.process_job(job_id)
+                return outcome
             except RetryableError as exc:
                 time.sleep(2**attempt)
                 last = str(exc)
@@ -391,6 +393,7 @@ def main() -> None:
 
 
 cli.add_command(calibrate)
+cli.add_command(bench)
 register_ops_commands(cli)
 
 

@@ -17,15 +17,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pipelines.calibration import (
+from pipelines.calibration_report import band_label, format_length
+from schemas.calibration import (
     DEFAULT_SEED,
     DEFAULT_THRESHOLD,
     DEFAULT_TRIALS,
-    calibration_fingerprint,
-    served_model_parts,
+    CalibrationResult,
+    DepthBand,
+    ProbeKind,
 )
-from pipelines.calibration_report import band_label, format_length
-from schemas.calibration import CalibrationResult, DepthBand, ProbeKind
 from schemas.settings import Settings
 
 console = Console()
@@ -75,6 +75,7 @@ def calibrate(
     template, and stores the longest length at which every depth band
     scores at least the threshold. Workers route by it.
     """
+    from pipelines.calibration import calibration_fingerprint, served_model_parts
     from pipelines.calibration_store import CalibrationStore
     from pipelines.model import model_fingerprint
     from pipelines.runtime import open_store

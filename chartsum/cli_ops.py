@@ -90,7 +90,11 @@ def backfill(
     def send(job_id: str, queue: str) -> None:
         app.send_task(TASK_SUMMARIZE, args=[job_id], queue=queue)
 
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}")]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[counts]}"),
+    ]
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("backfill", total=total, counts="")
 
@@ -108,7 +112,11 @@ def backfill(
             ),
             progress=progress,
         )
-    note = " (already finished earlier: nothing new queued)" if counts.already_finished else ""
+    note = (
+        " (already finished earlier: nothing new queued)"
+        if counts.already_finished
+        else ""
+    )
     click.echo(
         f"backfill {counts.backfill_id}: {counts.queued} queued,"
         f" {counts.skipped} skipped, {counts.failed} failed{note}"
@@ -172,7 +180,10 @@ def _engine_health(settings: Settings) -> str:
         return f"server {base} answered {response.status_code}"
     model = settings.model_dir / "config.json"
     if not model.is_file():
-        return f"in-process: no model at {settings.model_dir} (run `chartsum model prepare`)"
+        return (
+            f"in-process: no model at {settings.model_dir}"
+            " (run `chartsum model prepare`)"
+        )
     return f"in-process: model folder {settings.model_dir} present"
 
 
@@ -234,7 +245,9 @@ def beat(ctx: click.Context) -> None:
     app = create_app(settings)
     schedule_file = settings.data_dir / "celerybeat-schedule"
     schedule_file.parent.mkdir(parents=True, exist_ok=True)
-    app.start(["beat", f"--schedule={schedule_file}", "--loglevel=WARNING"])
+    app.start(
+        ["beat", f"--schedule={schedule_file}", f"--loglevel={settings.logging.level}"]
+    )
 
 
 def register(cli: Any) -> None:

@@ -131,7 +131,9 @@ def run_backfill(
                 queued += 1
             except Exception as exc:  # the broker is down or refused
                 failed += 1
-                log.warning("backfill_send_failed", job_id=job_id, error=type(exc).__name__)
+                log.warning(
+                    "backfill_send_failed", job_id=job_id, error=type(exc).__name__
+                )
         cursor = page[-1][0]
         _save_progress(store, backfill_id, cursor, queued, skipped, failed)
         if progress is not None:
@@ -214,7 +216,8 @@ def _open_backfill(store: ChartStore, request: BackfillRequest) -> Backfill:
                 failed=0,
             )
             session.add(row)
-        return row
+        found: Backfill = row
+        return found
 
 
 def _save_progress(
@@ -230,7 +233,12 @@ def _save_progress(
     with store.session() as session:
         row = session.get(Backfill, backfill_id)
         assert row is not None
-        row.cursor, row.queued, row.skipped, row.failed = cursor, queued, skipped, failed
+        row.cursor, row.queued, row.skipped, row.failed = (
+            cursor,
+            queued,
+            skipped,
+            failed,
+        )
         if done:
             row.finished_at = utcnow()
 

@@ -30,6 +30,13 @@ from pipelines.probes import Probe, ProbeCorpus, build_probe, score_answer
 from pipelines.stays import iter_example_paths, read_stays_file
 from pipelines.tokens import TokenCounter
 from schemas.calibration import (
+    ANSWER_RESERVE_TOKENS,
+    DEFAULT_SEED,
+    DEFAULT_THRESHOLD,
+    DEFAULT_TRIALS,
+    LADDER_TOKENS,
+    QUICK_LADDER_TOKENS,
+    QUICK_TRIALS,
     CalibrationResult,
     DepthBand,
     FingerprintParts,
@@ -41,20 +48,6 @@ from schemas.settings import VllmSettings
 
 log = structlog.get_logger("chartsum.calibration")
 
-# Defaults of `chartsum calibrate`. When one changes, update the command's
-# help, README.md ("Calibration") and docs/calibration-smollm2.md.
-#: Lowest band score at which a length still counts as usable.
-DEFAULT_THRESHOLD = 0.85
-#: Trials per (length, band, kind) cell in a full run; quick runs one.
-DEFAULT_TRIALS = 4
-QUICK_TRIALS = 1
-#: Rungs below the top one; the top is the engine's maximum less the answer.
-LADDER_TOKENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-QUICK_LADDER_TOKENS = (1024, 4096)
-#: Kept free above the longest probe for its answer (the largest probe
-#: budget is 100 tokens).
-ANSWER_RESERVE_TOKENS = 128
-DEFAULT_SEED = 1729
 #: Scores this close under the threshold still pass (float sums of
 #: fractions such as 17/20 are not exact).
 SCORE_EPSILON = 1e-9

@@ -106,7 +106,7 @@ class InProcessEngine:
     async def _start(self) -> Any:
         # vLLM reads these at import; quiet its per-step logs (they never
         # hold prompts, but they drown ours).
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -115,7 +115,7 @@ class InProcessEngine:
             model=str(self.model_dir),
             tokenizer=str(self.model_dir),
             served_model_name=[self.model_name],
-            dtype=self.settings.dtype,
+            dtype=self.settings.dtype,  # type: ignore[arg-type]
             max_model_len=self.settings.max_model_len_tokens,
             kv_cache_memory_bytes=self.settings.kv_cache_bytes,
             max_num_seqs=self.settings.max_num_seqs,

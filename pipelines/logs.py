@@ -40,7 +40,7 @@ def _truncate_values(_logger: Any, _name: str, event: dict[str, Any]) -> dict[st
         if (
             isinstance(value, str)
             and len(value) > MAX_VALUE_CHARS
-            and key != "exception"
+            and key not in ("exception", "traceback")
         ):
             event[key] = value[:MAX_VALUE_CHARS] + "…"
     return event
@@ -69,11 +69,12 @@ def configure_logging(settings: LoggingSettings) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
+    exceptions: Any = structlog.processors.format_exc_info if json_logs else _identity
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info if json_logs else _identity,
+            exceptions,
             renderer,
         ],
     )

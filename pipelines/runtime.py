@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import structlog
 
 from pipelines.calibration import calibration_fingerprint, served_model_parts
 from pipelines.calibration_store import CalibrationStore
-from pipelines.engine import open_engine
+from pipelines.admission import AdmittingEngine, kv_cache_tokens
+from pipelines.engine import Engine, open_engine
 from pipelines.errors import ModelPrepareError
 from pipelines.model import model_fingerprint
 from pipelines.routing import EffectiveContext
@@ -72,6 +75,21 @@ def effective_context(
     return EffectiveContext(tokens=tokens, source="default")
 
 
+def admit_by_tokens(engine: Engine, settings: Settings, model_dir: Path) -> Engine:
+    """Wrap the engine so jobs are admitted by KV-cache tokens, not by count."""
+    capacity = settings.vllm.admission_tokens
+    if capacity is None and settings.vllm.mode == "in_process":
+        capacity = kv_cache_tokens(
+            model_dir,
+            kv_cache_bytes=settings.vllm.kv_cache_bytes,
+            dtype=settings.vllm.dtype,
+        )
+    if capacity is None:
+        return engine
+    log.info("admission_by_tokens", capacity_tokens=capacity)
+    return AdmittingEngine(engine, capacity_tokens=capacity)
+
+
 def build_summarizer(
     settings: Settings, *, store: ChartStore | None = None
 ) -> Summarizer:
@@ -91,7 +109,9 @@ def build_summarizer(
     tokens = TokenCounter.from_model_dir(model_dir)
     fingerprint = model_fingerprint(model_dir)
     context = effective_context(settings, fingerprint, store=store)
-    engine = open_engine(settings.vllm, model_dir=model_dir)
+    engine = admit_by_tokens(
+        open_engine(settings.vllm, model_dir=model_dir), settings, model_dir
+    )
     log.info(
         "runtime_ready",
         mode=settings.vllm.mode,

@@ -12,6 +12,21 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+# Defaults of `chartsum calibrate`. When one changes, update the command's
+# help, README.md ("Calibration") and docs/calibration-smollm2.md.
+#: Lowest band score at which a length still counts as usable.
+DEFAULT_THRESHOLD = 0.85
+#: Trials per (length, band, kind) cell in a full run; quick runs one.
+DEFAULT_TRIALS = 4
+QUICK_TRIALS = 1
+#: Rungs below the top one; the top is the engine's maximum less the answer.
+LADDER_TOKENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+QUICK_LADDER_TOKENS = (1024, 4096)
+#: Kept free above the longest probe for its answer (the largest probe
+#: budget is 100 tokens).
+ANSWER_RESERVE_TOKENS = 128
+DEFAULT_SEED = 1729
+
 
 class ProbeKind(StrEnum):
     """What a probe asks the model to do."""

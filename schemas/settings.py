@@ -89,6 +89,13 @@ class VllmSettings(BaseModel):
             " guessed: 1 GiB holds about 46k tokens of SmolLM2-135M."
         ),
     )
+    admission_tokens: int | None = Field(
+        None,
+        description=(
+            "Prompt plus completion tokens one worker keeps in flight. Unset:"
+            " the in-process KV cache's capacity; no limit in server mode."
+        ),
+    )
     max_num_seqs: int = Field(
         32, description="Most sequences the in-process engine batches at once."
     )
@@ -197,15 +204,11 @@ class OperationsSettings(BaseModel):
     backfill_rate_limit_per_s: float = Field(
         200.0, description="Most backfill jobs queued per second (0: no limit)."
     )
-    flower_address: str = Field(
-        "127.0.0.1", description="Address Flower listens on."
-    )
+    flower_address: str = Field("127.0.0.1", description="Address Flower listens on.")
     flower_port: int = Field(5555, description="Port Flower listens on.")
     flower_basic_auth: SecretStr | None = Field(
         None,
-        description=(
-            "user:password for Flower; required to listen beyond localhost."
-        ),
+        description=("user:password for Flower; required to listen beyond localhost."),
     )
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Celery
 from celery.schedules import crontab
-from kombu import Queue
+from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from schemas.settings import Settings
 from workers.constants import (
@@ -39,11 +39,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "broker_connection_retry_on_startup": True,
         "task_track_started": True,
-        "task_queues": [
-            Queue(QUEUE_REALTIME),
-            Queue(QUEUE_BACKFILL),
-            Queue(QUEUE_CALIBRATION),
-        ],
+        # Each queue gets its own exchange and routing key; left implicit,
+        # Celery binds every queue to the default queue's key and a message
+        # would reach all of them.
+        "task_queues": [_queue(name) for name in ALL_QUEUES],
         "task_default_queue": QUEUE_REALTIME,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
@@ -52,6 +51,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": beat_schedule(settings),
         "timezone": "UTC",
     }
+
+
+ALL_QUEUES = (QUEUE_REALTIME, QUEUE_BACKFILL, QUEUE_CALIBRATION)
+
+
+def _queue(name: str) -> Queue:
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:

@@ -8,6 +8,7 @@ results hold ids and counts only, so Redis and Flower never see note text.
 from __future__ import annotations
 
 import threading
+import traceback
 from typing import Any
 
 import structlog
@@ -168,7 +169,12 @@ def _run(task: Task, summarizer: Summarizer, job_id: str) -> dict[str, Any]:
         # A bug, not a bad stay: end this job, keep the worker and the rest of
         # the queue going. The traceback goes to the log; the job row gets
         # only the exception type (its message could quote input).
-        log.exception("job_crashed")
+        # Frames only: the exception's message could quote patient text.
+        log.error(
+            "job_crashed",
+            error_type=type(exc).__name__,
+            traceback="".join(traceback.format_tb(exc.__traceback__)),
+        )
         summarizer.store.fail_job(
             job_id,
             state=JobState.FAILED,

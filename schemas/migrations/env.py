@@ -8,8 +8,9 @@ from sqlalchemy import create_engine, pool
 from schemas.tables import Base
 
 config = context.config
-url = config.attributes.get("connection_url") or config.get_main_option(
-    "sqlalchemy.url"
+url = str(
+    config.attributes.get("connection_url")
+    or config.get_main_option("sqlalchemy.url")
 )
 
 

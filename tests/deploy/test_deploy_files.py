@@ -38,11 +38,17 @@ def test_the_compose_file_parses_and_runs_every_part() -> None:
 
     services = set(compose["services"])
     assert {
-        "postgres", "redis", "vllm", "worker-realtime", "worker-backfill",
-        "beat", "flower",
+        "postgres",
+        "redis",
+        "vllm",
+        "worker-realtime",
+        "worker-backfill",
+        "beat",
+        "flower",
     } <= services
-    assert "--structured-outputs-config.disable_any_whitespace=true" in (
-        compose["services"]["vllm"]["command"]
+    assert (
+        "--structured-outputs-config.disable_any_whitespace=true"
+        in (compose["services"]["vllm"]["command"])
     )
 
 

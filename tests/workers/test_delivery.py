@@ -8,6 +8,7 @@ more than one summary.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -52,20 +53,35 @@ def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def vllm_server(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """The embedded model behind vLLM's OpenAI-compatible server."""
     port = _free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     with log.open("w") as out:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                "--host", "127.0.0.1", "--port", str(port),
-                "--model", str(model_dir), "--served-model-name", "chartsum-test",
-                "--max-model-len", "8192", "--enforce-eager",
-                "--kv-cache-memory-bytes", str(1 << 30),
-                "--structured-outputs-config.backend", "xgrammar",
-                "--structured-outputs-config.disable_any_whitespace", "true",
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--model",
+                str(model_dir),
+                "--served-model-name",
+                "chartsum-test",
+                "--max-model-len",
+                "8192",
+                "--enforce-eager",
+                "--kv-cache-memory-bytes",
+                str(1 << 30),
+                "--structured-outputs-config.backend",
+                "xgrammar",
+                "--structured-outputs-config.disable_any_whitespace",
+                "true",
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -102,8 +118,17 @@ class RedisServer:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [
-                "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
             ],
             stdout=subprocess.DEVNULL,
             start_new_session=True,
@@ -147,7 +172,9 @@ def _settings(store: ChartStore, redis: RedisServer, vllm_url: str) -> dict[str,
     }
 
 
-def _start_worker(env: dict[str, str], log: Path, model_dir: Path) -> subprocess.Popen[bytes]:
+def _start_worker(
+    env: dict[str, str], log: Path, model_dir: Path
+) -> subprocess.Popen[bytes]:
     full = dict(os.environ, **env, CHARTSUM_VLLM__MODEL_DIR=str(model_dir))
     with log.open("a") as out:
         return subprocess.Popen(
@@ -181,10 +208,9 @@ def _wait_final_sweeping(
         if all(j.state in FINAL_STATES for j in store.jobs_by_id(job_ids)):
             return
         if time.monotonic() > next_sweep:
-            try:
+            # Redis may be restarting: then the next round tries again.
+            with contextlib.suppress(Exception):
                 app.send_task(TASK_SWEEP, queue=QUEUE_REALTIME)
-            except Exception:  # Redis may be restarting; try next round
-                pass
             next_sweep = time.monotonic() + 15
         time.sleep(2)
     pytest.fail(f"jobs not final in time; worker log:\n{log.read_text()[-3000:]}")

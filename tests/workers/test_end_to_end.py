@@ -96,7 +96,7 @@ def _wait_for_final(store: ChartStore, job_ids: list[str], log_path: Path) -> No
 
 
 def _bad_stays() -> list[str]:
-    # Far past any effective context: must fail with a clear error, never be
+    # Far past any effective context: must take the chunked route, never be
     # truncated. Fourteen thousand words is about 20k tokens.
     huge = stay_dict("t-huge")
     huge["notes"][0]["text"] = "Vital signs stable overnight. " * 3500
@@ -112,7 +112,7 @@ def _bad_stays() -> list[str]:
 def test_example_stays_become_validated_summaries_in_postgresql(
     pg_store: ChartStore, redis_url: str, worker: Path
 ) -> None:
-    """Every good stay ends final with a valid, cited summary; bad ones fail clearly."""
+    """Every stay ends final; stored summaries validate and cite their stay."""
     # Given the shipped examples and two bad stays in PostgreSQL
     examples = read_stays_file(EXAMPLES).stays
     pg_store.ingest(examples)
@@ -125,22 +125,28 @@ def test_example_stays_become_validated_summaries_in_postgresql(
     job_ids = [job.job_id for job in sent]
     _wait_for_final(pg_store, job_ids, worker)
 
-    # Then the over-long stay failed with the route and the numbers
+    # Then the over-long stay went the chunked route and still ended final
     jobs = {job.stay_id: job for job in pg_store.jobs_by_id(job_ids)}
     huge = jobs.pop("t-huge")
-    assert (huge.state, huge.route) == (JobState.FAILED, "chunked")
-    assert "needs the chunked route" in (huge.error or "")
+    assert huge.route == "chunked"
+    assert (huge.prompt_tokens or 0) > (huge.effective_context_tokens or 0)
+    assert huge.state in (JobState.SUCCEEDED, JobState.NEEDS_REVIEW), huge.error
 
-    # And every other job stored a summary that validates and cites its stay
-    succeeded = [job for job in jobs.values() if job.state == JobState.SUCCEEDED]
+    # And every other job ended succeeded, or needs_review with its reason;
+    # every stored summary (a flagged one too) validates and cites its stay
     for job in jobs.values():
-        assert job.state in (JobState.SUCCEEDED, JobState.NEEDS_REVIEW)
+        assert job.state in (JobState.SUCCEEDED, JobState.NEEDS_REVIEW), job.error
         if job.state == JobState.NEEDS_REVIEW:
-            assert job.error and "generation attempts" in job.error
-    assert len(succeeded) >= len(jobs) - 1, [j.error for j in jobs.values()]
-    for job in succeeded:
-        found = pg_store.find_summary(job.id)
-        assert found is not None
+            assert job.error_code and job.error
+    stored = [
+        (job, found)
+        for job in jobs.values()
+        if (found := pg_store.find_summary(job.id)) is not None
+    ]
+    succeeded = [job for job in jobs.values() if job.state == JobState.SUCCEEDED]
+    assert all(pg_store.find_summary(job.id) for job in succeeded)
+    assert len(stored) >= len(jobs) - 1, [j.error for j in jobs.values()]
+    for job, found in stored:
         summary, _ = found
         chart = pg_store.load_chart(job.stay_id or "")
         parsed = DischargeSummary.model_validate(
@@ -151,7 +157,7 @@ def test_example_stays_become_validated_summaries_in_postgresql(
         assert summary.input_sha256 == chart.content_sha256
 
     # And a second delivery of a finished job writes no second summary
-    done = succeeded[0].id
+    done = stored[0][0].id
     app.send_task(TASK_SUMMARIZE, args=[done], queue=QUEUE_REALTIME).get(timeout=120)
     with pg_store.engine.connect() as conn:
         count = conn.exec_driver_sql(

@@ -20,7 +20,9 @@ def upgrade() -> None:
     """Apply this revision."""
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(
-            sa.Column("lost_deliveries", sa.Integer(), nullable=False, server_default="0")
+            sa.Column(
+                "lost_deliveries", sa.Integer(), nullable=False, server_default="0"
+            )
         )
         batch.add_column(sa.Column("origin", sa.String(length=64), nullable=True))
         batch.add_column(

@@ -1,0 +1,231 @@
+"""Planted-fact recall: chunked route vs single pass, on the real engine.
+
+Each trial builds a stay from consecutive real Synthea notes (the ctakes
+longitudinal record in ../shared/data) up to a target length, plants one
+medication fact in a note of the middle third, and summarizes the stay both
+ways: one single-pass request (the production prompt, schema and budget)
+and the chunked route (one request per section, retrieval, dedupe). A fact
+is recalled when the planted drug's name appears in the validated summary;
+an invalid or cut-off summary counts as a miss, and is also reported.
+
+    python -m benchmarks.chunked_recall --lengths 2000,4000,6000 --trials 3
+
+Prints one JSON line per length and route; nothing about note text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.chunked import shared_embedder, summarize_chart_chunked
+from pipelines.engine import CompletionRequest, InProcessEngine
+from pipelines.errors import ChartsumError
+from pipelines.prompts import build_discharge_prompt
+from pipelines.stays import Chart, ChartNote
+from pipelines.summarize import resolve_aliases
+from pipelines.tokens import TokenCounter
+from schemas.settings import Settings
+from schemas.summary import DischargeSummary, discharge_json_schema
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "longitudinal.jsonl"
+FACTS = [
+    (
+        "dabigatran",
+        "Dabigatran 150 mg twice daily was started for atrial fibrillation.",
+    ),
+    ("rivaroxaban", "Rivaroxaban 20 mg daily was started for a deep vein thrombosis."),
+    ("sotalol", "Sotalol 80 mg twice daily was started for atrial flutter."),
+    ("apixaban", "Apixaban 5 mg twice daily was started for a pulmonary embolism."),
+    (
+        "dofetilide",
+        "Dofetilide 500 mcg twice daily was started for atrial fibrillation.",
+    ),
+    ("ticagrelor", "Ticagrelor 90 mg twice daily was started after a stent."),
+]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One planted stay."""
+
+    length_tokens: int
+    drug: str
+    chart: Chart
+
+
+def make_trial(
+    notes: list[dict[str, str]],
+    *,
+    length_tokens: int,
+    fact: tuple[str, str],
+    counter: TokenCounter,
+    rng: random.Random,
+) -> Trial:
+    """Consecutive real notes up to a length, the fact planted mid-stay."""
+    start = rng.randrange(len(notes) // 2)
+    picked: list[dict[str, str]] = []
+    total = 0
+    for note in notes[start:] + notes[:start]:
+        size = counter.count(note["text"])
+        if total + size > length_tokens:
+            break
+        picked.append(note)
+        total += size
+    middle = len(picked) // 2
+    chart_notes = []
+    for i, note in enumerate(picked):
+        text = note["text"]
+        if i == middle:
+            text = f"{text}\n\n# Medications\n{fact[1]}\n"
+        chart_notes.append(ChartNote(f"n{i}", note.get("note_type"), None, text))
+    chart = Chart(
+        stay_id=f"bench-{length_tokens}-{fact[0]}",
+        patient_id="bench",
+        content_sha256="0" * 64,
+        encounter_class="inpatient",
+        reason_for_visit=None,
+        admit_time=None,
+        discharge_time=None,
+        record={},
+        notes=tuple(chart_notes),
+    )
+    return Trial(length_tokens, fact[0], chart)
+
+
+def single_pass(
+    trials: list[Trial],
+    engine: InProcessEngine,
+    counter: TokenCounter,
+    settings: Settings,
+) -> list[tuple[bool, bool]]:
+    """(recalled, valid) per trial, all requests sent together."""
+    prompts = [build_discharge_prompt(t.chart, tokens=counter) for t in trials]
+    budget = settings.pipeline.max_completion_tokens
+    completions = engine.complete_many(
+        [
+            CompletionRequest(
+                request_id=f"sp-{i}",
+                prompt_token_ids=p.token_ids,
+                max_tokens=budget,
+                json_schema=discharge_json_schema(list(p.aliases)),
+                seed=settings.vllm.seed,
+                repetition_penalty=settings.pipeline.repetition_penalty,
+            )
+            for i, p in enumerate(prompts)
+        ]
+    )
+    results = []
+    for trial, prompt, completion in zip(trials, prompts, completions, strict=True):
+        try:
+            summary = DischargeSummary.model_validate(
+                resolve_aliases(json.loads(completion.text), prompt.aliases),
+                context={"note_ids": set(trial.chart.note_ids)},
+            )
+        except (ValueError, json.JSONDecodeError):
+            results.append((False, False))
+            continue
+        text = " ".join(s.text for _, _, s in summary.statements()).lower()
+        results.append((trial.drug in text, True))
+    return results
+
+
+def chunked(
+    trials: list[Trial],
+    engine: InProcessEngine,
+    counter: TokenCounter,
+    settings: Settings,
+    context_tokens: int,
+) -> list[tuple[bool, bool]]:
+    """(recalled, valid) per trial; trials run on threads so the engine batches."""
+    embedder = shared_embedder()
+
+    def one(item: tuple[int, Trial]) -> tuple[bool, bool]:
+        index, trial = item
+        try:
+            result = summarize_chart_chunked(
+                trial.chart,
+                engine=engine,
+                counter=counter,
+                embedder=embedder,
+                context_tokens=context_tokens,
+                settings=settings.pipeline,
+                seed=settings.vllm.seed,
+                request_prefix=f"ch-{index}",
+            )
+        except (ChartsumError, ValueError):
+            return False, False
+        statements = result.summary.statements()
+        text = " ".join(s.text for _, _, s in statements).lower()
+        return trial.drug in text, True
+
+    with ThreadPoolExecutor(max_workers=max(1, len(trials))) as pool:
+        return list(pool.map(one, enumerate(trials)))
+
+
+def main() -> None:
+    """Run the benchmark and print one JSON line per length and route."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", default="2000,4000,6000")
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--routes", default="single_pass,chunked")
+    args = parser.parse_args()
+    settings = Settings()
+    counter = TokenCounter.from_model_dir(settings.model_dir)
+    record = next(
+        json.loads(line)
+        for line in DATA.open(encoding="utf-8")
+        if line.startswith("{") and '"ctk-a3ac2430-all"' in line[:400]
+    )
+    rng = random.Random(7)
+    trials = [
+        make_trial(
+            record["notes"],
+            length_tokens=int(length),
+            fact=FACTS[(i + j) % len(FACTS)],
+            counter=counter,
+            rng=rng,
+        )
+        for i, length in enumerate(args.lengths.split(","))
+        for j in range(args.trials)
+    ]
+    engine = InProcessEngine(model_dir=settings.model_dir, settings=settings.vllm)
+    try:
+        for route in args.routes.split(","):
+            started = time.perf_counter()
+            if route == "single_pass":
+                results = single_pass(trials, engine, counter, settings)
+            else:
+                results = chunked(trials, engine, counter, settings, args.context)
+            elapsed_s = round(time.perf_counter() - started)
+            for length in args.lengths.split(","):
+                rows = [
+                    r
+                    for t, r in zip(trials, results, strict=True)
+                    if t.length_tokens == int(length)
+                ]
+                print(
+                    json.dumps(
+                        {
+                            "route": route,
+                            "length_tokens": int(length),
+                            "trials": len(rows),
+                            "recalled": sum(r[0] for r in rows),
+                            "valid": sum(r[1] for r in rows),
+                            "route_wall_s": elapsed_s,
+                        }
+                    ),
+                    flush=True,
+                )
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()

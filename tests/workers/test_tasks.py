@@ -1,0 +1,141 @@
+"""The task adapter: outages become retries, bugs end one job only."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from celery.exceptions import Retry
+
+from pipelines.errors import StoreUnavailableError
+from pipelines.stays import parse_stay_lines
+from pipelines.store import ChartStore
+from tests.helpers import stay_line
+from workers import tasks
+
+
+class _Task:
+    """Just enough of a bound Celery task for the adapter."""
+
+    def __init__(self, retries: int) -> None:
+        self.request = SimpleNamespace(id=None, retries=retries)
+        self.retried_with: dict[str, Any] | None = None
+
+    def retry(self, **kwargs: Any) -> Retry:
+        self.retried_with = kwargs
+        return Retry("retry")
+
+    def update_state(self, **_kwargs: Any) -> None:
+        """Progress states are not under test here."""
+
+
+class _Summarizer:
+    def __init__(self, store: ChartStore, error: Exception) -> None:
+        self.store = store
+        self.error = error
+
+    def process_job(self, job_id: str, **_kwargs: Any) -> Any:
+        raise self.error
+
+
+def _job(store: ChartStore) -> str:
+    store.ingest(parse_stay_lines([stay_line("a")]).stays)
+    [(job_id, _)] = store.create_jobs(kind="discharge", stay_ids=["a"], queue="q")
+    return job_id
+
+
+def test_an_unreachable_database_is_a_retryable_error() -> None:
+    """A refused connection surfaces as StoreUnavailableError, never a crash."""
+    store = ChartStore("postgresql+psycopg://postgres@127.0.0.1:1/none")
+
+    with pytest.raises(StoreUnavailableError, match="will be retried"):
+        store.claim_job("x", lease_s=10)
+
+
+def test_a_database_outage_schedules_a_retry_with_backoff(
+    sqlite_store: ChartStore,
+) -> None:
+    """The task retries with a doubling delay and leaves the job alone."""
+    job_id = _job(sqlite_store)
+    task = _Task(retries=2)
+    summarizer = _Summarizer(sqlite_store, StoreUnavailableError("db down"))
+
+    with pytest.raises(Retry):
+        tasks._run(task, summarizer, job_id)  # type: ignore[arg-type]
+
+    assert task.retried_with is not None
+    assert task.retried_with["countdown"] == 20
+    job = sqlite_store.get_job(job_id)
+    assert job is not None and job.state == "queued"
+
+
+def test_retries_run_out_into_a_failed_job_with_the_reason(
+    sqlite_store: ChartStore,
+) -> None:
+    """After the last retry the job is failed, saying what kept failing."""
+    job_id = _job(sqlite_store)
+    task = _Task(retries=tasks.MAX_RETRIES)
+    summarizer = _Summarizer(sqlite_store, StoreUnavailableError("db down"))
+
+    result = tasks._run(task, summarizer, job_id)  # type: ignore[arg-type]
+
+    job = sqlite_store.get_job(job_id)
+    assert result["state"] == "failed"
+    assert job is not None and job.error_code == "retries_exhausted"
+    assert "db down" in (job.error or "")
+
+
+def test_an_unexpected_exception_fails_only_its_job_without_quoting_it(
+    sqlite_store: ChartStore,
+) -> None:
+    """A bug ends the job as internal_error; its message is not copied."""
+    job_id = _job(sqlite_store)
+    secret = "note text that must not leak"
+    summarizer = _Summarizer(sqlite_store, KeyError(secret))
+
+    result = tasks._run(_Task(retries=0), summarizer, job_id)  # type: ignore[arg-type]
+
+    job = sqlite_store.get_job(job_id)
+    assert result["state"] == "failed"
+    assert job is not None and job.error_code == "internal_error"
+    assert secret not in (job.error or "")
+
+
+def test_retry_delays_double_and_stop_at_the_cap() -> None:
+    """5 s, 10 s, 20 s, ... never more than ten minutes."""
+    delays = [tasks.retry_delay_s(n) for n in range(10)]
+
+    assert delays[:4] == [5, 10, 20, 40]
+    assert max(delays) == 600
+
+
+def test_each_queue_has_its_own_routing_so_a_message_reaches_one_queue() -> None:
+    """A task sent to the backfill queue is routed to that queue alone."""
+    from workers.app import create_app
+
+    app = create_app()
+    queues = {queue.name: queue for queue in app.conf.task_queues}
+
+    keys = {name: queue.routing_key for name, queue in queues.items()}
+    exchanges = {name: queue.exchange.name for name, queue in queues.items()}
+    assert keys == {name: name for name in queues}
+    assert exchanges == {name: name for name in queues}
+
+
+@pytest.mark.services
+def test_a_message_sent_to_the_backfill_queue_lands_only_there(redis_url: str) -> None:
+    """In real Redis the backfill list grows by one, the realtime list not at all."""
+    import redis
+
+    from schemas.settings import Settings
+    from workers.app import create_app
+    from workers.constants import QUEUE_BACKFILL, QUEUE_REALTIME, TASK_SUMMARIZE
+
+    app = create_app(Settings.model_validate({"redis": {"url": redis_url}}))
+    client = redis.Redis.from_url(redis_url)
+
+    app.send_task(TASK_SUMMARIZE, args=["job-x"], queue=QUEUE_BACKFILL)
+
+    assert (client.llen(QUEUE_BACKFILL), client.llen(QUEUE_REALTIME)) == (1, 0)
+    client.close()
