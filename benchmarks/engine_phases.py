@@ -104,6 +104,43 @@ def run_offline_batch(
     )
 
 
+def run_batched_async(
+    work: Sequence[StayRequest],
+    *,
+    model_dir: Path,
+    settings: VllmSettings,
+    sampler: RssSampler,
+) -> PhaseResult:
+    """Phase 1, the ceiling: the worker's engine given every request at once.
+
+    ``InProcessEngine.complete_many`` submits all requests to vLLM's
+    AsyncLLM together, so the engine batches as much as it can, with no
+    Celery, Redis or database around it.
+    """
+    engine = InProcessEngine(model_dir=model_dir, settings=settings)
+    sampler.sample()
+    try:
+        started = time.perf_counter()
+        completions = engine.complete_many([item.request for item in work])
+        wall_s = time.perf_counter() - started
+        sampler.sample()
+    finally:
+        engine.close()
+    finish: dict[str, int] = {}
+    for completion in completions:
+        finish[completion.finish_reason] = finish.get(completion.finish_reason, 0) + 1
+    return PhaseResult(
+        name="1 engine alone (batched)",
+        stays=len(completions),
+        wall_s=wall_s,
+        completion_tokens=sum(c.completion_tokens for c in completions),
+        # Every request started with the phase, so its own duration is its
+        # latency from the phase's start.
+        latencies_ms=[float(c.duration_ms) for c in completions],
+        notes=[f"finish reasons: {_counts(finish)}"],
+    )
+
+
 def run_naive(
     work: Sequence[StayRequest],
     *,

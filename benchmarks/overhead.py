@@ -130,39 +130,43 @@ def measure_enqueue(
 ) -> list[EnqueueRate]:
     """Enqueue a backfill of ``jobs`` stays both ways, then remove it again.
 
-    ``enqueue_stays`` is tried on all of them (it is expected to fail past
-    PostgreSQL's bound-parameter limit) and timed on ``sample_jobs``;
-    ``enqueue_backfill`` is timed on all. Nothing consumes the backfill
-    queue meanwhile; the caller flushes Redis afterwards.
+    ``enqueue_stays`` is timed on all of them; past PostgreSQL's limit of
+    65,535 bound parameters it fails at once, and is then timed on
+    ``sample_jobs`` instead. ``enqueue_backfill`` is timed on all. Nothing
+    consumes the backfill queue meanwhile; it is purged after each try.
     """
     prefix = "bf"
     stay_ids = copy_stays(store, templates, count=jobs, prefix=prefix)
     rates = []
     try:
-        enqueue_stays(store, app, stay_ids=stay_ids, queue="backfill")
-        rates.append(EnqueueRate("enqueue_stays (all at once)", jobs, 0.0, "ok"))
+        rates.append(_timed_enqueue("enqueue_stays", store, app, stay_ids))
     except Exception as exc:
         reason = str(exc).splitlines()[0][:100]
-        rates.append(
-            EnqueueRate("enqueue_stays (all at once)", jobs, 0.0, f"fails: {reason}")
-        )
-    _delete_jobs(store)
-    started = time.perf_counter()
-    enqueue_stays(store, app, stay_ids=stay_ids[:sample_jobs], queue="backfill")
-    rates.append(
-        EnqueueRate(
-            "enqueue_stays", sample_jobs, time.perf_counter() - started, "sample"
-        )
-    )
-    _delete_jobs(store)
-    started = time.perf_counter()
-    enqueue_backfill(store, app, stay_ids=stay_ids)
-    rates.append(EnqueueRate("enqueue_backfill", jobs, time.perf_counter() - started))
-    _delete_jobs(store)
+        rates.append(EnqueueRate("enqueue_stays", jobs, 0.0, f"fails: {reason}"))
+        _clear_backfill(store, app)
+        sample = stay_ids[:sample_jobs]
+        rates.append(_timed_enqueue("enqueue_stays", store, app, sample))
+    _clear_backfill(store, app)
+    rates.append(_timed_enqueue("enqueue_backfill", store, app, stay_ids))
+    _clear_backfill(store, app)
     with store.engine.begin() as conn:
         conn.execute(delete(Note).where(Note.stay_id.like(f"{prefix}%")))
         conn.execute(delete(Stay).where(Stay.id.like(f"{prefix}%")))
     return rates
+
+
+def _timed_enqueue(
+    path: str, store: ChartStore, app: Celery, stay_ids: Sequence[str]
+) -> EnqueueRate:
+    send = enqueue_backfill if path == "enqueue_backfill" else enqueue_stays
+    started = time.perf_counter()
+    send(store, app, stay_ids=stay_ids, queue="backfill")
+    return EnqueueRate(path, len(stay_ids), time.perf_counter() - started)
+
+
+def _clear_backfill(store: ChartStore, app: Celery) -> None:
+    app.control.purge()
+    _delete_jobs(store)
 
 
 def _delete_jobs(store: ChartStore) -> None:

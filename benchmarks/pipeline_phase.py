@@ -27,7 +27,7 @@ from benchmarks.worker_process import (
 )
 from pipelines.store import ChartStore
 from schemas.settings import Settings
-from schemas.tables import Job, JobState
+from schemas.tables import Job
 from workers.app import create_app
 from workers.constants import QUEUE_REALTIME
 from workers.enqueue import enqueue_stays
@@ -87,6 +87,7 @@ def run_pipeline(
         started=started,
         store=store,
         log_path=log_path,
+        max_tokens=settings.pipeline.max_completion_tokens,
         notes=[f"worker ready after {ready_s:.0f} s; enqueue took {enqueue_s:.2f} s"],
     )
 
@@ -94,14 +95,14 @@ def run_pipeline(
 def worker_command(
     concurrency: int,
     *,
-    entry: Sequence[str] = ("benchmarks.worker_entry", "worker"),
+    entry: Sequence[str] = ("chartsum", "worker"),
 ) -> list[str]:
     """A worker on the realtime queue with this concurrency.
 
     Args:
         concurrency: Worker threads.
-        entry: Module to run and its arguments (default: ``chartsum worker``
-            with its INFO lines kept; see ``benchmarks.worker_entry``).
+        entry: Module to run and its arguments (default ``chartsum worker``,
+            which logs at the level the benchmark sets, INFO).
     """
     return [
         sys.executable,
@@ -119,6 +120,7 @@ def _read_run(
     started: float,
     store: ChartStore,
     log_path: Path,
+    max_tokens: int,
     notes: list[str],
 ) -> PipelineRun:
     finished = [job.finished_at.timestamp() for job in jobs if job.finished_at]
@@ -142,22 +144,23 @@ def _read_run(
             other_ms.append((total_s - wait_s) * 1000 - sum(stages.values()))
     stage_ms = {"queue wait": queue_wait_ms, **stage_samples(list(events.values()))}
     stage_ms["other (Celery, ack)"] = other_ms
+    # A cut-off attempt generated exactly max_tokens; an attempt that was
+    # invalid JSON logs no count, so its tokens are missing from the total.
+    cut_off = len(read_job_lines(log_path, event_name="completion_cut_off"))
+    invalid = len(read_job_lines(log_path, event_name="completion_invalid"))
+    stored = summary_tokens(store, [job.id for job in jobs])
     result = PhaseResult(
         name=name,
         stays=len(jobs),
         wall_s=(max(finished) - started) if finished else 0.0,
-        completion_tokens=summary_tokens(store, [job.id for job in jobs]),
+        completion_tokens=stored + cut_off * max_tokens,
         latencies_ms=[(t - started) * 1000 for t in finished],
         notes=[
             *notes,
             "job states: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())),
-            f"generation attempts: {attempts} for {len(jobs)} jobs"
-            + (
-                ""
-                if states.get(JobState.SUCCEEDED, 0) == len(jobs)
-                and attempts == len(jobs)
-                else " (tokens of retried or failed attempts are not counted)"
-            ),
+            f"generation attempts: {attempts} for {len(jobs)} jobs; completion"
+            f" tokens = {stored} stored + {cut_off} cut off x {max_tokens}"
+            + (f"; {invalid} invalid attempt(s) not counted" if invalid else ""),
         ],
     )
     return PipelineRun(result, stage_ms, job_ms)

@@ -22,8 +22,16 @@ class TreePeak:
     label: str
     #: Highest sum of the tree's RSS seen in one sample (bytes).
     peak_total_bytes: int = 0
-    #: Each process's own highest RSS (bytes), keyed by "name[pid]".
-    peak_by_process: dict[str, int] = field(default_factory=dict)
+    #: Each process's own highest RSS (bytes), keyed by pid.
+    peak_by_pid: dict[int, int] = field(default_factory=dict)
+    #: Each process's latest name (vLLM renames its processes after start).
+    names: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def peak_by_process(self) -> dict[str, int]:
+        """Each process's own peak RSS (bytes), keyed by ``name[pid]``."""
+        peaks = self.peak_by_pid.items()
+        return {f"{self.names[pid]}[{pid}]": rss for pid, rss in peaks}
 
 
 class RssSampler:
@@ -64,13 +72,14 @@ class RssSampler:
         with self._lock:
             roots = dict(self._roots)
         for label, pid in roots.items():
-            total, by_process = _tree_rss(pid)
+            total, by_pid = _tree_rss(pid)
             with self._lock:
                 peak = self._peaks[label]
                 peak.peak_total_bytes = max(peak.peak_total_bytes, total)
-                for name, rss in by_process.items():
-                    seen = peak.peak_by_process.get(name, 0)
-                    peak.peak_by_process[name] = max(seen, rss)
+                for child, (name, rss) in by_pid.items():
+                    peak.names[child] = name
+                    seen = peak.peak_by_pid.get(child, 0)
+                    peak.peak_by_pid[child] = max(seen, rss)
 
     def __enter__(self) -> RssSampler:
         self._thread = threading.Thread(
@@ -94,18 +103,17 @@ class RssSampler:
             self.sample()
 
 
-def _tree_rss(pid: int) -> tuple[int, dict[str, int]]:
+def _tree_rss(pid: int) -> tuple[int, dict[int, tuple[str, int]]]:
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
     except psutil.Error:
         return 0, {}
-    by_process: dict[str, int] = {}
+    by_pid: dict[int, tuple[str, int]] = {}
     for process in processes:
         # A child may exit between listing and reading; it simply drops out.
         try:
-            name = f"{process.name()}[{process.pid}]"
-            by_process[name] = process.memory_info().rss
+            by_pid[process.pid] = (process.name(), process.memory_info().rss)
         except psutil.Error:
             continue
-    return sum(by_process.values()), by_process
+    return sum(rss for _, rss in by_pid.values()), by_pid

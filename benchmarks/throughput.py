@@ -69,6 +69,11 @@ class BenchOptions:
         stays: Use only the first N stays; None uses all.
         max_tokens: Completion budget for every phase; None keeps settings.
         concurrency: Worker threads; None means max(stays, settings).
+        offline_llm: Phase 1 on ``vllm.LLM`` (offline) instead of the
+            worker's AsyncLLM engine given every request at once.
+        generation_attempts: Tries per job in the pipeline; 1 (default)
+            makes it do the same work as phases 1 and 3, one request per
+            stay; None keeps the pipeline setting (retries add work).
         overhead_jobs: Jobs for each instant-responder measurement.
         backfill_jobs: Jobs in the enqueue-rate measurement.
         enqueue_sample_jobs: Jobs timed through ``enqueue_stays``.
@@ -84,6 +89,8 @@ class BenchOptions:
     overhead_jobs: int = 500
     backfill_jobs: int = 100_000
     enqueue_sample_jobs: int = 10_000
+    generation_attempts: int | None = 1
+    offline_llm: bool = False
     engine_phases: bool = True
     pg_admin_url: str = "postgresql://postgres@127.0.0.1:5432/test"
     redis_url: str = "redis://127.0.0.1:6379/14"
@@ -91,8 +98,8 @@ class BenchOptions:
 
 #: ``--quick``: a few minutes instead of about fifteen.
 QUICK: dict[str, Any] = {
-    "stays": 8,
-    "max_tokens": 256,
+    "stays": 6,
+    "max_tokens": 512,
     "overhead_jobs": 200,
     "backfill_jobs": 20_000,
     "enqueue_sample_jobs": 2_000,
@@ -165,15 +172,26 @@ def _run_phases(
         f" prompt tokens {min(prompt_tokens)}-{max(prompt_tokens)},"
         f" total {sum(prompt_tokens)}",
         f"max_tokens {settings.pipeline.max_completion_tokens}, repetition"
-        f" penalty {settings.pipeline.repetition_penalty}, effective context"
+        f" penalty {settings.pipeline.repetition_penalty}, generation attempts"
+        f" {settings.pipeline.max_generation_attempts}, effective context"
         f" {context.tokens} ({context.source}), worker concurrency {concurrency}",
+        f"engine: KV cache {format_bytes(settings.vllm.kv_cache_bytes)} (set),"
+        f" max_num_seqs {settings.vllm.max_num_seqs}, max_model_len"
+        f" {settings.vllm.max_model_len_tokens}, {settings.vllm.dtype},"
+        " enforce_eager",
         "",
     ]
     sections = [*lines]
     if options.engine_phases:
         sections.append(
             _engine_section(
-                work, settings, sampler, workdir, echo, concurrency=concurrency
+                work,
+                settings,
+                sampler,
+                workdir,
+                echo,
+                concurrency=concurrency,
+                offline_llm=options.offline_llm,
             )
         )
     templates = [w.stay_id for w in work] or [stays[0].stay_id]
@@ -203,13 +221,19 @@ def _engine_section(
     echo: Callable[[str], None],
     *,
     concurrency: int,
+    offline_llm: bool,
 ) -> str:
     model_dir = settings.model_dir
     here = os.getpid()
 
-    echo(f"phase 1: offline batch of {len(work)} requests ...")
+    echo(f"phase 1: {len(work)} requests to the engine at once ...")
     sampler.watch(here, "phase 1: benchmark process + vLLM engine")
-    offline = engine_phases.run_offline_batch(
+    ceiling = (
+        engine_phases.run_offline_batch
+        if offline_llm
+        else engine_phases.run_batched_async
+    )
+    offline = ceiling(
         work, model_dir=model_dir, settings=settings.vllm, sampler=sampler
     )
     sampler.unwatch("phase 1: benchmark process + vLLM engine")
@@ -237,19 +261,29 @@ def _engine_section(
     )
     sampler.unwatch("phase 3: benchmark process + vLLM engine")
     echo(_phase_line(naive))
-    return _engine_report(offline, pipeline, naive)
+    return _engine_report(offline, pipeline, naive, offline_llm=offline_llm)
 
 
 def _engine_report(
-    offline: PhaseResult, pipeline: PipelineRun, naive: PhaseResult
+    offline: PhaseResult,
+    pipeline: PipelineRun,
+    naive: PhaseResult,
+    *,
+    offline_llm: bool,
 ) -> str:
     phases = [offline, pipeline.result, naive]
     notes = [f"  {p.name}: {note}" for p in phases for note in p.notes]
     two = pipeline.result
     lines = [
-        "Phase 1 is vLLM's offline engine (vllm.LLM's LLMEngine: every request"
-        " added, then stepped until done); job latency in every phase is from"
-        " the phase's start (all stays available at once) to that stay's end.",
+        (
+            "Phase 1 is vLLM's offline engine (vllm.LLM's LLMEngine: every"
+            " request added, then stepped until done)"
+            if offline_llm
+            else "Phase 1 is the worker's engine (vLLM AsyncLLM) given every"
+            " request at once, no Celery, Redis or database"
+        )
+        + "; job latency in every phase is from the phase's start (all stays"
+        " available at once) to that stay's end.",
         "",
         phase_table(phases),
         *notes,
@@ -393,6 +427,10 @@ def _run_settings(base: Settings, options: BenchOptions, *, db_url: str) -> Sett
     if options.max_tokens is not None:
         pipeline = pipeline.model_copy(
             update={"max_completion_tokens": options.max_tokens}
+        )
+    if options.generation_attempts is not None:
+        pipeline = pipeline.model_copy(
+            update={"max_generation_attempts": options.generation_attempts}
         )
     return Settings(
         data_dir=base.data_dir,

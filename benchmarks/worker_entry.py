@@ -1,11 +1,11 @@
 """``chartsum worker`` as the benchmark runs it: chartsum's logging kept intact.
 
-``chartsum worker`` passes ``--loglevel=WARNING`` to Celery, which then sets
-the root logger to WARNING and drops every INFO line, the canonical
-``job_completed`` line included (reported; the fix belongs in workers/app.py
-or chartsum/cli.py). Connecting a ``setup_logging`` receiver tells Celery to
-leave logging to chartsum, so the benchmark can read each job's stage times.
-Run as ``python -m benchmarks.worker_entry worker --concurrency N ...``.
+Celery given ``--loglevel`` resets the root logger's level; before commit
+0bad80c ``chartsum worker`` passed WARNING, which dropped the canonical INFO
+``job_completed`` line. Connecting a ``setup_logging`` receiver tells Celery
+to leave logging to chartsum. The instant-responder worker imports this;
+``python -m benchmarks.worker_entry worker ...`` runs ``chartsum worker``
+the same way.
 """
 
 from __future__ import annotations

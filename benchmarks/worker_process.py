@@ -119,17 +119,19 @@ def seconds_between(start: datetime | None, end: datetime | None) -> float | Non
     return (end - start).total_seconds()
 
 
-def read_job_lines(log_path: Path) -> list[dict[str, Any]]:
-    """The ``job_completed`` events of a worker's JSON log."""
+def read_job_lines(
+    log_path: Path, *, event_name: str = "job_completed"
+) -> list[dict[str, Any]]:
+    """The events of one name (default ``job_completed``) in a JSON log."""
     events = []
     for line in log_path.read_text().splitlines():
-        if '"job_completed"' not in line:
+        if f'"{event_name}"' not in line:
             continue
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if event.get("event") == "job_completed":
+        if event.get("event") == event_name:
             events.append(event)
     return events
 

@@ -14,7 +14,7 @@ from schemas.settings import Settings
 @click.option(
     "--quick",
     is_flag=True,
-    help="8 stays, 256-token budget, 20k-job backfill: a few minutes.",
+    help="6 stays, 512-token budget, 20k-job backfill: a few minutes.",
 )
 @click.option(
     "--examples-only",
@@ -33,6 +33,22 @@ from schemas.settings import Settings
     type=int,
     default=None,
     help="Worker threads (default: the number of stays, at least the setting).",
+)
+@click.option(
+    "--keep-retries",
+    is_flag=True,
+    help=(
+        "Let pipeline jobs retry invalid output as configured (default: one"
+        " attempt, the same work as the engine-only phases)."
+    ),
+)
+@click.option(
+    "--offline-llm",
+    is_flag=True,
+    help=(
+        "Phase 1 on vllm.LLM (offline) instead of the worker's AsyncLLM"
+        " engine given every request at once."
+    ),
 )
 @click.option("--overhead-jobs", type=int, default=None, help="Instant-responder jobs.")
 @click.option(
@@ -70,6 +86,8 @@ def bench(
     stays: int | None,
     max_tokens: int | None,
     concurrency: int | None,
+    keep_retries: bool,
+    offline_llm: bool,
     overhead_jobs: int | None,
     backfill_jobs: int | None,
     no_engine: bool,
@@ -101,6 +119,8 @@ def bench(
         options,
         include_shared=not examples_only,
         engine_phases=not no_engine,
+        generation_attempts=None if keep_retries else 1,
+        offline_llm=offline_llm,
         pg_admin_url=pg_admin_url,
         redis_url=redis_url,
         **{key: value for key, value in given.items() if value is not None},

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -19,14 +19,24 @@ from rich.table import Table
 
 from pipelines.calibration_report import band_label, format_length
 from schemas.calibration import (
+    DEFAULT_CONCURRENCY,
     DEFAULT_SEED,
     DEFAULT_THRESHOLD,
     DEFAULT_TRIALS,
     CalibrationResult,
     DepthBand,
+    FingerprintParts,
     ProbeKind,
+    ProbeScore,
 )
 from schemas.settings import Settings
+
+#: Longest wait for one probe's answer (seconds): an 8k-token probe takes
+#: minutes on two CPU cores, and several wait in the engine's queue.
+CALIBRATION_REQUEST_TIMEOUT_S = 3600.0
+
+if TYPE_CHECKING:
+    from pipelines.calibration_store import CalibrationStore
 
 console = Console()
 
@@ -35,7 +45,7 @@ console = Console()
 @click.option(
     "--quick",
     is_flag=True,
-    help="Only 1k and 4k tokens, one trial per cell: minutes, but coarse.",
+    help="Only 1k and 2k tokens, one trial per cell: minutes, but coarse.",
 )
 @click.option("--show", is_flag=True, help="Print the stored calibrations and exit.")
 @click.option(
@@ -58,6 +68,13 @@ console = Console()
     " 4k, then the engine maximum less 128].",
 )
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CONCURRENCY,
+    show_default=True,
+    help="Haystacks in flight at once (the engine batches them).",
+)
 @click.pass_context
 def calibrate(
     ctx: click.Context,
@@ -67,6 +84,7 @@ def calibrate(
     trials: int | None,
     lengths: str | None,
     seed: int,
+    concurrency: int,
 ) -> None:
     """Measure how long an input the served model still finds facts in.
 
@@ -103,6 +121,7 @@ def calibrate(
             trials=trials,
             lengths=_parse_lengths(lengths),
             seed=seed,
+            concurrency=concurrency,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -111,16 +130,18 @@ def calibrate(
 
 def _calibrate(
     settings: Settings,
-    calibrations: Any,
-    parts: Any,
+    calibrations: CalibrationStore,
+    parts: FingerprintParts,
     *,
     quick: bool,
     threshold: float,
     trials: int | None,
     lengths: list[int] | None,
     seed: int,
+    concurrency: int,
 ) -> CalibrationResult:
     from pipelines.calibration import (
+        build_probes,
         load_probe_corpus,
         plan_calibration,
         run_calibration,
@@ -141,13 +162,19 @@ def _calibrate(
     corpus = load_probe_corpus(
         calibrations, tokens=tokens, top_tokens=plan.lengths_tokens[-1]
     )
+    probes = build_probes(plan, corpus=corpus, tokens=tokens)
     console.print(
         f"calibrating {settings.model_dir.name}: lengths"
         f" {', '.join(format_length(n) for n in plan.lengths_tokens)};"
-        f" {plan.trials} trial(s); {plan.probe_count} probes; corpus {corpus.source}"
+        f" {plan.trials} trial(s); {len(probes)} probes; corpus {corpus.source}"
+        f" ({sum(corpus.paragraph_tokens)} tokens of distinct note text)"
     )
     console.print("starting the engine ...")
-    engine = open_engine(settings.vllm, model_dir=settings.model_dir)
+    # Probes queue behind each other on purpose, so one may wait far longer
+    # than a job's request; nothing else about the engine changes.
+    timeout_s = max(settings.vllm.request_timeout_s, CALIBRATION_REQUEST_TIMEOUT_S)
+    vllm = settings.vllm.model_copy(update={"request_timeout_s": timeout_s})
+    engine = open_engine(vllm, model_dir=settings.model_dir)
     lock = threading.Lock()
     try:
         with Progress(
@@ -158,12 +185,9 @@ def _calibrate(
             TimeRemainingColumn(),
             console=console,
         ) as progress:
-            task = progress.add_task("building probes", total=plan.probe_count)
+            task = progress.add_task("probes", total=len(probes))
 
-            def built(count: int) -> None:
-                progress.update(task, description="probes", total=count)
-
-            def scored(_score: Any) -> None:
+            def scored(_score: ProbeScore) -> None:
                 with lock:
                     progress.advance(task)
 
@@ -173,13 +197,13 @@ def _calibrate(
                 corpus=corpus,
                 plan=plan,
                 parts=parts,
-                concurrency=settings.vllm.max_num_seqs,
-                on_built=built,
+                concurrency=min(concurrency, settings.vllm.max_num_seqs),
+                probes=probes,
                 on_scored=scored,
             )
     finally:
         engine.close()
-    saved: CalibrationResult = calibrations.save(result)
+    saved = calibrations.save(result)
     markdown, png = write_report(saved, reports_dir=settings.data_dir / "reports")
     console.print(f"report: {markdown}\nheatmap: {png}")
     return saved

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ import structlog
 
 from pipelines.calibration_store import CalibrationStore
 from pipelines.engine import Completion, CompletionRequest, Engine
-from pipelines.probes import Probe, ProbeCorpus, build_probe, score_answer
+from pipelines.probes import Probe, ProbeCorpus, build_probe_set, score_answer
 from pipelines.stays import iter_example_paths, read_stays_file
 from pipelines.tokens import TokenCounter
 from schemas.calibration import (
@@ -85,9 +86,9 @@ def plan_calibration(
 
     Args:
         max_model_len_tokens: The engine's maximum prompt plus completion.
-        quick: Two rungs (1k, 4k) and one trial instead of the full ladder.
+        quick: Two rungs (1k, 2k) and one trial instead of the full ladder.
         lengths_tokens: Rungs to test instead of the default ladder.
-        trials: Trials per cell (default 4, quick 1).
+        trials: Trials per cell (default 2, quick 1).
         threshold: Lowest band score that passes, 0 to 1 (default 0.85).
         seed: Base seed of every probe (fixed, so runs repeat).
 
@@ -208,19 +209,19 @@ def build_probes(
 ) -> list[Probe]:
     """Every probe of the plan, longest first (the tail then runs short ones)."""
     return [
-        build_probe(
+        probe
+        for length in sorted(plan.lengths_tokens, reverse=True)
+        for trial in range(plan.trials)
+        for band in plan.bands
+        for probe in build_probe_set(
             corpus,
             tokens=tokens,
             length_tokens=length,
             band=band,
-            kind=kind,
             trial=trial,
             seed=plan.seed,
+            kinds=plan.kinds,
         )
-        for length in sorted(plan.lengths_tokens, reverse=True)
-        for trial in range(plan.trials)
-        for band in plan.bands
-        for kind in plan.kinds
     ]
 
 
@@ -231,43 +232,58 @@ def run_probes(
     concurrency: int,
     on_scored: Callable[[ProbeScore], None] | None = None,
 ) -> list[ProbeScore]:
-    """Send probes to the engine, ``concurrency`` at a time, and score them.
+    """Send probes to the engine and score them, in the order given.
 
-    Each probe goes through ``engine.complete`` on its own thread, so the
-    engine batches up to ``concurrency`` of them continuously.
+    Probes that share a haystack run one after another on one thread, so
+    the engine's prefix cache holds the haystack for the second and third
+    question; ``concurrency`` haystacks are in flight at once and the engine
+    batches them. Keep it small on CPUs: prefill is compute-bound, and
+    every request in flight must finish within the engine's request
+    timeout.
 
     Args:
         engine: The engine the workers use.
         probes: Built probes.
-        concurrency: Probes in flight at once (the engine's batch size).
+        concurrency: Haystacks in flight at once.
         on_scored: Called from a worker thread after each probe, e.g. to
             advance a progress bar.
 
     Raises:
         RetryableError: The engine failed; the calibration is not stored.
     """
+    groups: dict[str, list[int]] = {}
+    for index, probe in enumerate(probes):
+        groups.setdefault(probe.haystack_id, []).append(index)
+    results: list[ProbeScore | None] = [None] * len(probes)
 
-    def one(probe: Probe) -> ProbeScore:
-        completion = engine.complete(
-            CompletionRequest(
-                request_id=f"{probe.probe_id}-{time.monotonic_ns()}",
-                prompt_token_ids=probe.token_ids,
-                max_tokens=probe.max_tokens,
-                json_schema=probe.json_schema,
-                temperature=0.0,
-                seed=0,
+    def one_haystack(indexes: list[int]) -> None:
+        for index in indexes:
+            probe = probes[index]
+            completion = engine.complete(
+                CompletionRequest(
+                    request_id=f"{probe.probe_id}-{uuid.uuid4().hex[:8]}",
+                    prompt_token_ids=probe.token_ids,
+                    max_tokens=probe.max_tokens,
+                    json_schema=probe.json_schema,
+                    temperature=0.0,
+                    seed=0,
+                )
             )
-        )
-        scored = score_probe(probe, completion)
-        if on_scored is not None:
-            on_scored(scored)
-        return scored
+            scored = score_probe(probe, completion)
+            results[index] = scored
+            if on_scored is not None:
+                on_scored(scored)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        futures = {pool.submit(one, probe): i for i, probe in enumerate(probes)}
-        results: list[ProbeScore | None] = [None] * len(probes)
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
+        futures = [pool.submit(one_haystack, g) for g in groups.values()]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            # Don't start haystacks nobody will read; those in flight end
+            # with the engine.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return [r for r in results if r is not None]
 
 
@@ -298,7 +314,7 @@ def run_calibration(
     plan: CalibrationPlan,
     parts: FingerprintParts,
     concurrency: int,
-    on_built: Callable[[int], None] | None = None,
+    probes: Sequence[Probe] | None = None,
     on_scored: Callable[[ProbeScore], None] | None = None,
 ) -> CalibrationResult:
     """Build, run and score every probe of a plan; the result is not stored.
@@ -309,8 +325,8 @@ def run_calibration(
         corpus: Note text for the haystacks.
         plan: Lengths, trials, threshold and seed.
         parts: The served model's fingerprint parts.
-        concurrency: Probes in flight at once.
-        on_built: Called with the probe count once every probe is built.
+        concurrency: Haystacks in flight at once.
+        probes: The plan's probes if already built (``build_probes``).
         on_scored: Called after each probe is scored.
     """
     started = time.perf_counter()
@@ -320,9 +336,8 @@ def run_calibration(
         lengths_tokens=list(plan.lengths_tokens),
         corpus=corpus.source,
     )
-    probes = build_probes(plan, corpus=corpus, tokens=tokens)
-    if on_built is not None:
-        on_built(len(probes))
+    if probes is None:
+        probes = build_probes(plan, corpus=corpus, tokens=tokens)
 
     scores = run_probes(engine, probes, concurrency=concurrency, on_scored=on_scored)
 

@@ -22,7 +22,6 @@ Scoring rules (documented in docs/calibration-smollm2.md too):
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import math
@@ -148,80 +147,109 @@ class Probe:
     """One tokenized probe, ready for the engine."""
 
     probe_id: str
+    #: Probes with the same haystack id differ only in their question.
+    haystack_id: str
     length_tokens: int
     band: DepthBand
     kind: ProbeKind
     trial: int
     token_ids: list[int]
-    #: Fraction of the haystack's tokens before each needle.
+    #: Fraction of the note text's tokens before each of its needles.
     depths: tuple[float, ...]
     expected: tuple[str, ...] | float
     json_schema: dict[str, Any]
     max_tokens: int
 
 
-def build_probe(
+def build_probe_set(
     corpus: ProbeCorpus,
     *,
     tokens: TokenCounter,
     length_tokens: int,
     band: DepthBand,
-    kind: ProbeKind,
     trial: int,
     seed: int,
-) -> Probe:
-    """A probe whose rendered prompt is at most ``length_tokens`` long.
+    kinds: Sequence[ProbeKind] = tuple(ProbeKind),
+) -> list[Probe]:
+    """One haystack holding every kind's facts in ``band``, one probe per kind.
 
-    The same arguments always give the same probe: haystack order, needle
-    values and depths all come from an RNG seeded with them.
+    The probes differ only in the question at the end, so the engine's
+    prefix cache computes the haystack once if they run one after another.
+    The other kinds' facts are distractors for each question. Each prompt
+    is at most ``length_tokens`` long, and within a few dozen tokens of it.
+    The same arguments always give the same probes: haystack order, fact
+    values and depths all come from RNGs seeded with them.
 
     Args:
         corpus: The note paragraphs to fill with.
         tokens: The served model's tokenizer and chat template.
-        length_tokens: Target prompt length; the prompt ends up within a few
-            tokens under it.
-        band: Where the needles go.
-        kind: What the question asks.
+        length_tokens: Longest prompt allowed.
+        band: Where the facts go.
         trial: Trial number within the cell (changes every random choice).
         seed: The calibration's base seed.
+        kinds: The probe kinds to plant and ask.
 
     Raises:
-        ValueError: The length cannot hold the question and needles.
+        ValueError: The length cannot hold the questions and facts.
     """
-    key = f"{seed}:{length_tokens}:{band}:{kind}:{trial}"
-    facts = plant_facts(kind, random.Random(f"facts:{key}"), drugs=corpus.drugs)
-    overhead = len(_render(tokens, "", facts.question))
-    needle_tokens = sum(len(tokens.encode(n)) + 2 for n in facts.needles)
+    key = f"{seed}:{length_tokens}:{band}:{trial}"
+    all_facts = _plant_all(kinds, random.Random(f"facts:{key}"), corpus.drugs)
+    needles = [n for facts in all_facts for n in facts.needles]
+    overhead = max(len(_render(tokens, "", f.question)) for f in all_facts)
+    needle_tokens = sum(len(tokens.encode(n)) + 2 for n in needles)
     filler_tokens = length_tokens - overhead - needle_tokens - SLACK_TOKENS
-    if filler_tokens < 4 * len(facts.needles):
+    if filler_tokens < 4 * len(needles):
         raise ValueError(
-            f"{length_tokens} tokens cannot hold a {kind} probe"
+            f"{length_tokens} tokens cannot hold a probe"
             f" ({overhead + needle_tokens} tokens before any note text)"
         )
     for _ in range(4):
         filler = _filler_lines(corpus, tokens, filler_tokens, random.Random(key))
         haystack, depths = _plant(
-            filler, facts.needles, band, tokens, random.Random(f"depth:{key}")
+            filler, needles, band, tokens, random.Random(f"depth:{key}")
         )
-        token_ids = _render(tokens, haystack, facts.question)
-        excess = len(token_ids) - length_tokens
+        prompts = [_render(tokens, haystack, f.question) for f in all_facts]
+        excess = max(len(ids) for ids in prompts) - length_tokens
         if excess <= 0:
             break
         filler_tokens -= excess + SLACK_TOKENS
     else:  # pragma: no cover - tokenizers merge a few tokens at most
         raise ValueError(f"could not fit a probe into {length_tokens} tokens")
-    return Probe(
-        probe_id=f"cal-{length_tokens}-{band}-{kind}-{trial}",
-        length_tokens=length_tokens,
-        band=band,
-        kind=kind,
-        trial=trial,
-        token_ids=token_ids,
-        depths=depths,
-        expected=facts.expected,
-        json_schema=facts.json_schema,
-        max_tokens=MAX_TOKENS[kind],
-    )
+    probes = []
+    first = 0
+    for kind, facts, token_ids in zip(kinds, all_facts, prompts, strict=True):
+        count = len(facts.needles)
+        probes.append(
+            Probe(
+                probe_id=f"cal-{length_tokens}-{band}-{trial}-{kind}",
+                haystack_id=f"cal-{length_tokens}-{band}-{trial}",
+                length_tokens=length_tokens,
+                band=band,
+                kind=kind,
+                trial=trial,
+                token_ids=token_ids,
+                depths=depths[first : first + count],
+                expected=facts.expected,
+                json_schema=facts.json_schema,
+                max_tokens=MAX_TOKENS[kind],
+            )
+        )
+        first += count
+    return probes
+
+
+def _plant_all(
+    kinds: Sequence[ProbeKind], rng: random.Random, drugs: Sequence[str]
+) -> list[Facts]:
+    """Facts for each kind, never naming one drug twice in a haystack."""
+    found: list[Facts] = []
+    free = list(drugs)
+    for kind in kinds:
+        facts = plant_facts(kind, rng, drugs=free)
+        if isinstance(facts.expected, tuple):
+            free = [d for d in free if d not in facts.expected]
+        found.append(facts)
+    return found
 
 
 def plant_facts(kind: ProbeKind, rng: random.Random, *, drugs: Sequence[str]) -> Facts:
@@ -284,8 +312,8 @@ def _single_fact(rng: random.Random, drugs: Sequence[str]) -> Facts:
         f" {drug} {rng.choice(DOSES_MG)} mg {rng.choice(FREQUENCIES)}."
     )
     question = (
-        f"Which medication did Dr. {surname} recommend starting?"
-        ' Reply as {"answer": "<medication name>"}.'
+        f"Which medication did Dr. {surname} recommend starting? Answer with"
+        " the medication name."
     )
     schema = _object_schema({"answer": {"type": "string", "maxLength": 60}})
     return Facts((needle,), question, (drug,), schema)
@@ -300,8 +328,8 @@ def _collect(rng: random.Random, drugs: Sequence[str]) -> Facts:
         for day, drug in zip(days, chosen, strict=True)
     )
     question = (
-        "List every medication that the pharmacy reconciliation entries say"
-        ' was started. Reply as {"medications": ["<name>", ...]}.'
+        "Which medications do the pharmacy reconciliation entries say were"
+        " started? List every medication name."
     )
     items = {"type": "string", "maxLength": 40}
     schema = _object_schema(
@@ -335,8 +363,8 @@ def _non_literal(rng: random.Random) -> Facts:
             f" {value} g/dL, Plt {rng.randint(160, 380)} K/uL."
         )
     question = (
-        "Which laboratory result was the most dangerous abnormality? Reply"
-        ' with its number as {"value": <number>}.'
+        "What was the value of the most dangerous laboratory abnormality?"
+        " Answer with the number."
     )
     schema = _object_schema({"value": {"type": "number"}})
     return Facts((needle,), question, float(value), schema)
@@ -391,42 +419,36 @@ def _plant(
     tokens: TokenCounter,
     rng: random.Random,
 ) -> tuple[str, tuple[float, ...]]:
-    """Insert each needle as its own line at a boundary inside ``band``.
+    """Insert each needle as its own line at a line boundary inside ``band``.
+
+    Needles go in random order at random depths in the band; when the band
+    has fewer boundaries than needles, some share one (consecutive lines).
 
     Returns:
-        The haystack text and each needle's depth (fraction of filler
-        tokens before it).
+        The haystack text and each needle's depth, in the order given: the
+        fraction of note-text tokens before it.
     """
     # Depth of every line boundary: boundary i comes before lines[i].
-    sizes = [len(tokens.encode(line + "\n")) for line in lines]
     before = [0]
-    for size in sizes:
-        before.append(before[-1] + size)
+    for line in lines:
+        before.append(before[-1] + len(tokens.encode(line + "\n")))
     total = max(before[-1], 1)
     depths_at = [count / total for count in before]
     low, high = BAND_RANGES[band]
     inside = [i for i, d in enumerate(depths_at) if low <= d <= high]
-    targets = sorted(rng.uniform(low, high) for _ in needles)
+    if not inside:  # pragma: no cover - the first and last boundary are 0 and 1
+        inside = [min(range(len(depths_at)), key=lambda i: abs(depths_at[i] - low))]
     spots: list[int] = []
-    for target in targets:
-        candidates = inside or list(range(len(depths_at)))
-        spots.append(_nearest_free(candidates, depths_at, target, taken=spots))
-    planted = dict(zip(sorted(spots), needles, strict=True))
+    for _ in needles:
+        target = rng.uniform(low, high)
+        free = [i for i in inside if i not in spots] or inside
+        spots.append(min(free, key=lambda i: abs(depths_at[i] - target)))
+    at: dict[int, list[str]] = {}
+    for spot, needle in zip(spots, needles, strict=True):
+        at.setdefault(spot, []).append(needle)
     out: list[str] = []
     for index in range(len(lines) + 1):
-        if index in planted:
-            out.append(planted[index])
+        out.extend(at.get(index, []))
         if index < len(lines):
             out.append(lines[index])
-    return "\n".join(out), tuple(depths_at[i] for i in sorted(spots))
-
-
-def _nearest_free(
-    candidates: list[int], depths_at: list[float], target: float, *, taken: list[int]
-) -> int:
-    free = [i for i in candidates if i not in taken] or [
-        i for i in range(len(depths_at)) if i not in taken
-    ]
-    position = bisect.bisect_left([depths_at[i] for i in free], target)
-    near = free[max(0, position - 1) : position + 1]
-    return min(near, key=lambda i: abs(depths_at[i] - target))
+    return "\n".join(out), tuple(round(depths_at[i], 4) for i in spots)

@@ -36,6 +36,9 @@ from schemas.tables import (
     Summary,
 )
 
+#: Ids per IN (...) lookup; well under PostgreSQL's parameter limit.
+ID_SLICE = 10_000
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
 
 
@@ -201,22 +204,28 @@ class ChartStore:
         """
         results: list[tuple[str, bool]] = []
         with self._session() as session:
-            known = set(session.scalars(select(Stay.id).where(Stay.id.in_(stay_ids))))
+            known: set[str] = set()
+            open_jobs: dict[str | None, str] = {}
+            # PostgreSQL takes at most 65,535 bound parameters per statement:
+            # look ids up in slices so a 100k backfill works.
+            for start in range(0, len(stay_ids), ID_SLICE):
+                ids = list(stay_ids[start : start + ID_SLICE])
+                known.update(session.scalars(select(Stay.id).where(Stay.id.in_(ids))))
+                open_jobs.update(
+                    session.execute(
+                        select(Job.stay_id, Job.id).where(
+                            Job.stay_id.in_(ids),
+                            Job.kind == kind,
+                            Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
+                        )
+                    ).all()
+                )
             missing = [stay_id for stay_id in stay_ids if stay_id not in known]
             if missing:
                 raise StayNotFoundError(
                     f"{len(missing)} stay id(s) not in the database, e.g."
                     f" {missing[0]}; ingest them first"
                 )
-            open_jobs = dict(
-                session.execute(
-                    select(Job.stay_id, Job.id).where(
-                        Job.stay_id.in_(stay_ids),
-                        Job.kind == kind,
-                        Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
-                    )
-                ).all()
-            )
             for stay_id in stay_ids:
                 if stay_id in open_jobs:
                     results.append((open_jobs[stay_id], False))

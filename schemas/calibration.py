@@ -17,15 +17,19 @@ from pydantic import BaseModel, Field
 #: Lowest band score at which a length still counts as usable.
 DEFAULT_THRESHOLD = 0.85
 #: Trials per (length, band, kind) cell in a full run; quick runs one.
-DEFAULT_TRIALS = 4
+DEFAULT_TRIALS = 2
 QUICK_TRIALS = 1
 #: Rungs below the top one; the top is the engine's maximum less the answer.
 LADDER_TOKENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-QUICK_LADDER_TOKENS = (1024, 4096)
+QUICK_LADDER_TOKENS = (1024, 2048)
 #: Kept free above the longest probe for its answer (the largest probe
 #: budget is 100 tokens).
 ANSWER_RESERVE_TOKENS = 128
 DEFAULT_SEED = 1729
+#: Haystacks in flight at once. CPU prefill is compute-bound, so more buys
+#: little and makes each request wait longer (the engine's request timeout
+#: applies to each).
+DEFAULT_CONCURRENCY = 4
 
 
 class ProbeKind(StrEnum):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from celery import Celery
@@ -103,18 +105,19 @@ def enqueue_backfill(
         for start in range(0, len(stay_ids), batch_size):
             batch = stay_ids[start : start + batch_size]
             jobs = store.create_jobs(kind=kind, stay_ids=batch, queue=queue_name)
-            for stay_id, (job_id, created) in zip(batch, jobs, strict=True):
-                # No task result: the job row holds the outcome, and keeping
-                # results would subscribe this process to one Redis channel
-                # per task (100k for a large backfill).
-                app.send_task(
-                    TASK_SUMMARIZE,
-                    args=[job_id],
-                    queue=queue_name,
-                    producer=producer,
-                    ignore_result=True,
-                )
-                sent.append(SentJob(job_id, stay_id, created))
+            with _publish_batch(producer, max_size=batch_size):
+                for stay_id, (job_id, created) in zip(batch, jobs, strict=True):
+                    # No task result: the job row holds the outcome, and
+                    # keeping results would subscribe this process to one
+                    # Redis channel per task (100k for a large backfill).
+                    app.send_task(
+                        TASK_SUMMARIZE,
+                        args=[job_id],
+                        queue=queue_name,
+                        producer=producer,
+                        ignore_result=True,
+                    )
+                    sent.append(SentJob(job_id, stay_id, created))
     log.info(
         "jobs_enqueued",
         queue=queue_name,
@@ -122,6 +125,13 @@ def enqueue_backfill(
         created=sum(1 for job in sent if job.created),
     )
     return sent
+
+
+def _publish_batch(producer: Any, *, max_size: int) -> AbstractContextManager[Any]:
+    # kombu 5.7+ pipelines a batch's messages (and their task-sent events)
+    # into a few Redis round trips; older kombu sends each one at once.
+    batch = getattr(producer, "batch", None)
+    return batch(max_size=max_size) if batch is not None else nullcontext()
 
 
 @dataclass(frozen=True)

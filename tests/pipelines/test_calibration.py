@@ -36,7 +36,7 @@ from pipelines.probes import (
     COLLECT_FACTS,
     Probe,
     ProbeCorpus,
-    build_probe,
+    build_probe_set,
     normalize_text,
     plant_facts,
     score_answer,
@@ -249,10 +249,10 @@ def test_the_default_ladder_ends_at_the_engine_maximum_less_the_answer() -> None
 
 
 def test_a_quick_plan_tests_two_lengths_once() -> None:
-    """Quick mode is 1k and 4k with one trial."""
+    """Quick mode is 1k and 2k with one trial."""
     plan = plan_calibration(max_model_len_tokens=8192, quick=True)
 
-    assert (plan.lengths_tokens, plan.trials, plan.mode) == ((1024, 4096), 1, "quick")
+    assert (plan.lengths_tokens, plan.trials, plan.mode) == ((1024, 2048), 1, "quick")
 
 
 def test_a_length_without_room_for_the_answer_is_refused() -> None:
@@ -338,71 +338,72 @@ def corpus(tokens: TokenCounter) -> ProbeCorpus:
     return load_probe_corpus(None, tokens=tokens, top_tokens=4096)
 
 
-@pytest.mark.parametrize("kind", list(ProbeKind))
-@pytest.mark.parametrize("band", list(DepthBand))
-@pytest.mark.parametrize("length", [512, 1024, 4096])
-def test_a_probe_fills_its_length_and_plants_facts_in_its_band(
-    corpus: ProbeCorpus,
-    tokens: TokenCounter,
-    length: int,
-    band: DepthBand,
-    kind: ProbeKind,
-) -> None:
-    """The prompt is at most the length, within 2%, with needles in band."""
-    probe = build_probe(
-        corpus,
-        tokens=tokens,
-        length_tokens=length,
-        band=band,
-        kind=kind,
-        trial=0,
-        seed=7,
-    )
-    low, high = BAND_RANGES[band]
-
-    assert length * 0.98 <= len(probe.token_ids) <= length
-    assert all(low <= depth <= high for depth in probe.depths)
-    expected_needles = COLLECT_FACTS if kind is ProbeKind.COLLECT else 1
-    assert len(probe.depths) == expected_needles
-
-
-def test_a_probe_is_the_same_on_every_build(
-    corpus: ProbeCorpus, tokens: TokenCounter
-) -> None:
-    """Fixed seeds: the same arguments give the same tokens and answer."""
-    args = {
-        "tokens": tokens,
+def _probe_set(
+    corpus: ProbeCorpus, tokens: TokenCounter, **changes: object
+) -> list[Probe]:
+    args: dict[str, object] = {
         "length_tokens": 1024,
         "band": MIDDLE,
-        "kind": ProbeKind.COLLECT,
-        "trial": 2,
-        "seed": 1,
+        "trial": 0,
+        "seed": 7,
     }
-
-    first, second = build_probe(corpus, **args), build_probe(corpus, **args)  # type: ignore[arg-type]
-    other = build_probe(corpus, **{**args, "trial": 3})  # type: ignore[arg-type]
-
-    assert first == second
-    assert first.token_ids != other.token_ids
+    args.update(changes)
+    return build_probe_set(corpus, tokens=tokens, **args)  # type: ignore[arg-type]
 
 
-def test_the_planted_sentence_and_answer_are_in_the_prompt(
+@pytest.mark.parametrize("band", list(DepthBand))
+@pytest.mark.parametrize("length", [512, 1024, 4096])
+def test_a_probe_set_fills_its_length_and_plants_facts_in_its_band(
+    corpus: ProbeCorpus, tokens: TokenCounter, length: int, band: DepthBand
+) -> None:
+    """Each prompt is at most the length, within 40 tokens, facts in band."""
+    probes = _probe_set(corpus, tokens, length_tokens=length, band=band)
+    low, high = BAND_RANGES[band]
+
+    assert [p.kind for p in probes] == list(ProbeKind)
+    for probe in probes:
+        assert length - 40 <= len(probe.token_ids) <= length
+        assert all(low <= depth <= high for depth in probe.depths)
+        needles = COLLECT_FACTS if probe.kind is ProbeKind.COLLECT else 1
+        assert len(probe.depths) == needles
+
+
+def test_the_probes_of_a_set_differ_only_in_the_question(
     corpus: ProbeCorpus, tokens: TokenCounter
 ) -> None:
-    """The expected drug name appears in the decoded prompt, once per needle."""
-    probe = build_probe(
-        corpus,
-        tokens=tokens,
-        length_tokens=2048,
-        band=END,
-        kind=ProbeKind.COLLECT,
-        trial=0,
-        seed=3,
-    )
-    text = tokens.decode(probe.token_ids)
+    """One haystack, three questions: the engine can cache the shared prefix."""
+    probes = _probe_set(corpus, tokens, length_tokens=2048)
+    shortest = min(len(p.token_ids) for p in probes)
+    shared = 0
+    while all(p.token_ids[shared] == probes[0].token_ids[shared] for p in probes):
+        shared += 1
 
-    assert isinstance(probe.expected, tuple)
-    for drug in probe.expected:
+    assert len({p.haystack_id for p in probes}) == 1
+    assert shared > shortest - 60
+
+
+def test_a_probe_set_is_the_same_on_every_build(
+    corpus: ProbeCorpus, tokens: TokenCounter
+) -> None:
+    """Fixed seeds: the same arguments give the same tokens and answers."""
+    first = _probe_set(corpus, tokens, trial=2)
+    second = _probe_set(corpus, tokens, trial=2)
+    other = _probe_set(corpus, tokens, trial=3)
+
+    assert first == second
+    assert first[0].token_ids != other[0].token_ids
+
+
+def test_every_planted_drug_is_in_the_prompt_once(
+    corpus: ProbeCorpus, tokens: TokenCounter
+) -> None:
+    """Each expected drug appears exactly once, and no kind reuses another's."""
+    probes = _probe_set(corpus, tokens, length_tokens=2048, band=END, seed=3)
+    text = tokens.decode(probes[0].token_ids)
+    drugs = [d for p in probes if isinstance(p.expected, tuple) for d in p.expected]
+
+    assert len(drugs) == len(set(drugs)) == 1 + COLLECT_FACTS
+    for drug in drugs:
         assert text.count(drug) == 1
 
 
