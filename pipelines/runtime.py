@@ -6,9 +6,9 @@ from pathlib import Path
 
 import structlog
 
+from pipelines.admission import AdmittingEngine, kv_cache_tokens
 from pipelines.calibration import calibration_fingerprint, served_model_parts
 from pipelines.calibration_store import CalibrationStore
-from pipelines.admission import AdmittingEngine, kv_cache_tokens
 from pipelines.engine import Engine, open_engine
 from pipelines.errors import ModelPrepareError
 from pipelines.model import model_fingerprint
