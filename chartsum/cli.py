@@ -350,6 +350,12 @@ def route(ctx: click.Context, stay_id: str) -> None:
             " default; run `chartsum calibrate`",
             err=True,
         )
+    elif context.tokens == 0:
+        click.echo(
+            f"{context.source} found no tested length at which the model finds"
+            " facts, so nothing goes single-pass; see `chartsum calibrate --show`",
+            err=True,
+        )
 
 
 def _summary_json(summary: Any, job: Any) -> dict[str, Any]:

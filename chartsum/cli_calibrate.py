@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -223,7 +224,7 @@ def _show(
         table.add_row(
             str(result.id),
             f"{result.created_at:%Y-%m-%d %H:%M}",
-            result.model_name[-40:],
+            Path(result.model_name).name[-40:],
             result.mode,
             _effective(result),
             result.fingerprint[:12] + mark,

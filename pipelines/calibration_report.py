@@ -25,7 +25,7 @@ def render_markdown(result: CalibrationResult) -> str:
     header = "| depth band | " + " | ".join(format_length(n) for n in lengths) + " |"
     rule = "|---|" + "---:|" * len(lengths)
     lines = [
-        f"# Calibration {result.id}: {result.model_name}",
+        f"# Calibration {result.id}: {Path(result.model_name).name}",
         "",
         f"- effective length: **{_verdict(result)}**"
         f" (threshold {result.threshold:.0%} in every depth band, at that"
@@ -100,6 +100,7 @@ def write_heatmap(result: CalibrationResult, path: Path) -> Path:
         f"calibration {result.id}: effective length {_verdict(result)}"
         f" (threshold {result.threshold:.0%})",
         fontsize=11,
+        y=1.06,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, bbox_inches="tight")

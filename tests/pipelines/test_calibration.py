@@ -18,7 +18,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipelines.calibration import (
-    ANSWER_RESERVE_TOKENS,
     CalibrationPlan,
     build_cells,
     build_probes,
@@ -46,6 +45,7 @@ from pipelines.runtime import effective_context
 from pipelines.store import ChartStore
 from pipelines.tokens import TokenCounter
 from schemas.calibration import (
+    ANSWER_RESERVE_TOKENS,
     BAND_RANGES,
     CalibrationResult,
     DepthBand,
@@ -539,7 +539,7 @@ def test_a_full_calibration_wins_over_a_newer_quick_one(
 def _settings_for(model_dir: Path, tmp_path: Path) -> Settings:
     return Settings(
         data_dir=tmp_path,
-        vllm=VllmSettings(model_dir=model_dir),  # type: ignore[call-arg]
+        vllm=VllmSettings(model_dir=model_dir),
     )
 
 
@@ -610,7 +610,7 @@ def test_another_dtype_has_no_calibration_and_warns_loudly(
     _stored(sqlite_store, settings, 8064)
     float32 = Settings(
         data_dir=tmp_path,
-        vllm=VllmSettings(model_dir=tmp_path, dtype="float32"),  # type: ignore[call-arg]
+        vllm=VllmSettings(model_dir=tmp_path, dtype="float32"),
     )
 
     with structlog.testing.capture_logs() as logs:
