@@ -166,7 +166,9 @@ def _settings(store: ChartStore, redis: RedisServer, vllm_url: str) -> dict[str,
         "CHARTSUM_VLLM__SERVED_MODEL_NAME": "chartsum-test",
         "CHARTSUM_PIPELINE__MAX_COMPLETION_TOKENS": "384",
         "CHARTSUM_PIPELINE__MAX_GENERATION_ATTEMPTS": "2",
-        "CHARTSUM_PIPELINE__JOB_LEASE_S": "20",
+        # Longer than one job takes here (no lease renewal yet), short enough
+        # for a killed worker's job to be taken over within the test.
+        "CHARTSUM_PIPELINE__JOB_LEASE_S": "90",
         "CHARTSUM_OPERATIONS__QUEUED_STALE_S": "10",
         "CHARTSUM_LOGGING__JSON_LOGS": "true",
     }
