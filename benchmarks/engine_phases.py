@@ -16,7 +16,7 @@ from typing import Any
 from benchmarks.rss import RssSampler
 from benchmarks.stats import PhaseResult
 from benchmarks.workload import StayRequest
-from pipelines.engine import CompletionRequest, InProcessEngine
+from pipelines.engine import CompletionRequest, InProcessEngine, bind_cpu_threads
 from schemas.settings import VllmSettings
 
 
@@ -53,6 +53,7 @@ def run_offline_batch(
     time is recorded.
     """
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    bind_cpu_threads(settings.cpu_threads_bind)
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
@@ -60,7 +61,7 @@ def run_offline_batch(
         model=str(model_dir),
         tokenizer=str(model_dir),
         served_model_name=[str(model_dir)],
-        dtype=settings.dtype,
+        dtype=settings.dtype,  # type: ignore[arg-type]
         max_model_len=settings.max_model_len_tokens,
         kv_cache_memory_bytes=settings.kv_cache_bytes,
         max_num_seqs=settings.max_num_seqs,
@@ -85,7 +86,7 @@ def run_offline_batch(
             for output in engine.step():
                 if output.finished:
                     latencies_ms.append((time.perf_counter() - started) * 1000)
-                    choice = output.outputs[0]
+                    choice = output.outputs[0]  # type: ignore[index]
                     tokens += len(choice.token_ids)
                     reason = choice.finish_reason or "abort"
                     finish[reason] = finish.get(reason, 0) + 1

@@ -16,7 +16,7 @@ from typing import Any
 from celery.signals import setup_logging
 
 
-@setup_logging.connect
+@setup_logging.connect  # type: ignore[untyped-decorator]
 def keep_chartsum_logging(**_kwargs: Any) -> None:
     """Celery calls this instead of configuring logging itself."""
     return None

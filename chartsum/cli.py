@@ -17,7 +17,7 @@ from rich.table import Table
 from chartsum.cli_bench import bench
 from chartsum.cli_calibrate import calibrate
 from chartsum.cli_ops import register as register_ops_commands
-from pipelines.errors import ChartsumError, RetryableError
+from pipelines.errors import ChartsumError, EngineDeadError, RetryableError
 from pipelines.logs import configure_logging
 from schemas.settings import Settings
 
@@ -195,24 +195,34 @@ def worker(ctx: click.Context, concurrency: int | None, queues: str) -> None:
     """Run a Celery worker: one engine, many jobs in flight on threads."""
     from pipelines.runtime import build_summarizer
     from workers.app import create_app
-    from workers.tasks import install_summarizer
+    from workers.constants import EXIT_ENGINE_DEAD
+    from workers.tasks import engine_died, install_summarizer
 
     settings = _settings(ctx)
     # Start the engine before consuming, so a broken model stops the worker
     # here with its reason instead of failing every job.
     install_summarizer(build_summarizer(settings))
     app = create_app(settings)
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={concurrency or settings.pipeline.worker_concurrency}",
-            f"--queues={queues}",
-            f"--loglevel={settings.logging.level}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={concurrency or settings.pipeline.worker_concurrency}",
+                f"--queues={queues}",
+                f"--loglevel={settings.logging.level}",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+    finally:
+        if engine_died():
+            click.echo(
+                "the in-process engine died; exiting so the supervisor restarts"
+                " this worker (its jobs were handed back for retry)",
+                err=True,
+            )
+            raise SystemExit(EXIT_ENGINE_DEAD)
 
 
 @cli.command()
@@ -261,6 +271,10 @@ def _run_jobs(summarizer: Any, job_ids: list[str], settings: Settings) -> list[A
             try:
                 outcome: JobOutcome = summarizer.process_job(job_id)
                 return outcome
+            except EngineDeadError as exc:
+                # Nothing in this process can bring the engine back.
+                last = str(exc)
+                break
             except RetryableError as exc:
                 time.sleep(2**attempt)
                 last = str(exc)

@@ -46,7 +46,7 @@ console = Console()
 @click.option(
     "--quick",
     is_flag=True,
-    help="Only 1k and 2k tokens, one trial per cell: minutes, but coarse.",
+    help="Only 256 and 1k tokens, one trial per cell: minutes, but coarse.",
 )
 @click.option("--show", is_flag=True, help="Print the stored calibrations and exit.")
 @click.option(
@@ -65,8 +65,8 @@ console = Console()
 @click.option(
     "--lengths",
     default=None,
-    help="Prompt lengths to test, e.g. 1k,2k,4k or 1024,3000 [default: 1k, 2k,"
-    " 4k, then the engine maximum less 128].",
+    help="Prompt lengths to test, e.g. 1k,2k,4k or 1024,3000 [default: 256, 512,"
+    " 1k, 2k, 4k, then the engine maximum less 128].",
 )
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True)
 @click.option(

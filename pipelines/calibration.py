@@ -86,9 +86,9 @@ def plan_calibration(
 
     Args:
         max_model_len_tokens: The engine's maximum prompt plus completion.
-        quick: Two rungs (1k, 2k) and one trial instead of the full ladder.
+        quick: Two rungs (256, 1k) and one trial instead of the full ladder.
         lengths_tokens: Rungs to test instead of the default ladder.
-        trials: Trials per cell (default 2, quick 1).
+        trials: Trials per cell (default 3, quick 1).
         threshold: Lowest band score that passes, 0 to 1 (default 0.85).
         seed: Base seed of every probe (fixed, so runs repeat).
 

@@ -83,18 +83,27 @@ def write_heatmap(result: CalibrationResult, path: Path) -> Path:
         ("all probe kinds", _matrix(result, None)),
         *((str(kind), _matrix(result, kind)) for kind in ProbeKind),
     ]
+    # Wide enough that each cell's label fits, however many rungs there are.
+    panel_width = max(3.2, 0.55 * len(lengths) + 0.8)
     figure, axes = plt.subplots(
-        1, len(panels), figsize=(3.2 * len(panels), 3.0), sharey=True
+        1, len(panels), figsize=(panel_width * len(panels), 3.2), sharey=True
     )
     for axis, (title, matrix) in zip(axes, panels, strict=True):
         image = axis.imshow(matrix, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
         axis.set_title(title, fontsize=10)
-        axis.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
+        axis.set_xticks(
+            range(len(lengths)),
+            [format_length(n) for n in lengths],
+            rotation=45 if len(lengths) > 4 else 0,
+            fontsize=8,
+        )
         axis.set_yticks(range(len(bands)), [str(b) for b in bands])
         axis.set_xlabel("prompt length (tokens)")
         for row, values in enumerate(matrix):
             for column, value in enumerate(values):
-                axis.text(column, row, f"{value:.2f}", ha="center", va="center")
+                axis.text(
+                    column, row, _cell(value), ha="center", va="center", fontsize=8
+                )
     figure.colorbar(image, ax=axes, shrink=0.8, label="score")
     figure.suptitle(
         f"calibration {result.id}: effective length {_verdict(result)}"
@@ -124,6 +133,13 @@ def _repeats(result: CalibrationResult) -> str:
     if result.corpus_tokens >= longest:
         return ""
     return f"; probes over {result.corpus_tokens} tokens repeat paragraphs"
+
+
+def _cell(value: float) -> str:
+    """A score as a cell label: "1", "0" or ".67", short enough for a cell."""
+    if value >= 1.0 or value <= 0.0:
+        return f"{value:.0f}"
+    return f"{value:.2f}".lstrip("0")
 
 
 def _verdict(result: CalibrationResult) -> str:

@@ -3,6 +3,7 @@
     ChartsumError
     ├── RetryableError             try the job again later
     │   ├── EngineUnavailableError     the model engine cannot be reached
+    │   │   └── EngineDeadError            the in-process engine died: restart
     │   └── StoreUnavailableError      the database cannot be reached
     └── PermanentError             retrying will not help; the job ends
         ├── InvalidStayError           input that breaks the stay format
@@ -28,6 +29,14 @@ class RetryableError(ChartsumError):
 
 class EngineUnavailableError(RetryableError):
     """The vLLM engine or server did not answer or answered with a server error."""
+
+
+class EngineDeadError(EngineUnavailableError):
+    """The in-process engine has died; only a new process gets a new one.
+
+    The job is retried (on another worker, or on this one once restarted);
+    the worker that saw it shuts down so its supervisor can restart it.
+    """
 
 
 class StoreUnavailableError(RetryableError):

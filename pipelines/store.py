@@ -318,6 +318,39 @@ class ChartStore:
                 job.id, job.kind, job.stay_id, job.patient_id, job.attempts, owner
             )
 
+    def renew_lease(self, job_id: str, *, owner: str, lease_s: int) -> bool:
+        """Extend a running job's lease to ``lease_s`` seconds from now.
+
+        One UPDATE, which changes nothing unless the job is still running
+        under ``owner``: a lease that another delivery took over, or a job
+        that ended, stays as it is.
+
+        Args:
+            job_id: The job whose lease to extend.
+            owner: The lease owner of the delivery running the job.
+            lease_s: Seconds the lease lasts from now.
+
+        Returns:
+            True if ``owner`` still holds the lease (now extended), False if
+            it lost it.
+
+        Raises:
+            StoreUnavailableError: The database could not be reached.
+        """
+        now = utcnow()
+        with self._session() as session:
+            result = session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.state == JobState.RUNNING,
+                    Job.lease_owner == owner,
+                )
+                .values(lease_until=now + timedelta(seconds=lease_s))
+                .execution_options(synchronize_session=False)
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
     def release_job(self, job_id: str, *, owner: str, error: str) -> None:
         """Hand a job back to the queue after a failure that may pass."""
         with self._session() as session:
@@ -367,54 +400,63 @@ class ChartStore:
                 .values(generation_attempts=Job.generation_attempts + 1)
             )
 
-    def complete_job(self, summary: NewSummary) -> bool:
+    def complete_job(self, summary: NewSummary, *, owner: str | None = None) -> bool:
         """Write the summary and mark its job succeeded, in one transaction.
 
+        Args:
+            summary: The summary, with its job id.
+            owner: The lease owner of the delivery writing it. When given,
+                nothing is written unless that delivery still holds the
+                lease of a running job; None (operators, tests) writes to
+                any job that has not ended.
+
         Returns:
-            True if this call wrote the summary, False if the job already had
-            one (a redelivered job: nothing is written twice).
+            True if this call wrote the summary; False if the job had already
+            ended (a redelivered job: nothing is written twice) or ``owner``
+            lost the lease.
         """
         with self._session() as session:
-            insert = _insert_for(self.engine)
-            result = session.execute(
-                insert(Summary)
-                .values(**summary.__dict__)
-                .on_conflict_do_nothing(index_elements=["job_id"])
-                .returning(Summary.id)
+            ended = _end_job(
+                session,
+                summary.job_id,
+                owner=owner,
+                state=JobState.SUCCEEDED,
+                error_code=None,
+                error=None,
             )
-            written = result.first() is not None
-            session.execute(
-                update(Job)
-                .where(Job.id == summary.job_id)
-                .values(
-                    state=JobState.SUCCEEDED,
-                    error_code=None,
-                    error=None,
-                    lease_owner=None,
-                    lease_until=None,
-                    finished_at=utcnow(),
-                    updated_at=utcnow(),
-                )
-            )
-            return written
+            return ended and _insert_summary(session, self.engine, summary)
 
     def fail_job(
-        self, job_id: str, *, state: JobState, error_code: str, error: str
-    ) -> None:
-        """End a job that cannot succeed, with a reason an operator can act on."""
+        self,
+        job_id: str,
+        *,
+        state: JobState,
+        error_code: str,
+        error: str,
+        owner: str | None = None,
+    ) -> bool:
+        """End a job that cannot succeed, with a reason an operator can act on.
+
+        Args:
+            job_id: The job to end.
+            state: Its final state.
+            error_code: A short, stable code for the reason.
+            error: The reason, cut to 2,000 characters.
+            owner: The lease owner of the delivery ending it. When given,
+                the job is ended only while that delivery holds its lease;
+                None ends any job that is not final yet.
+
+        Returns:
+            True if this call ended the job.
+        """
         with self._session() as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state.not_in(list(FINAL_STATES)))
-                .values(
-                    state=state,
-                    error_code=error_code,
-                    error=error[:2000],
-                    lease_owner=None,
-                    lease_until=None,
-                    finished_at=utcnow(),
-                    updated_at=utcnow(),
-                )
+            return _end_job(
+                session,
+                job_id,
+                owner=owner,
+                state=state,
+                error_code=error_code,
+                error=error[:2000],
             )
 
     def get_job(self, job_id: str) -> Job | None:
@@ -603,39 +645,32 @@ class ChartStore:
         return found
 
     def complete_job_for_review(
-        self, summary: NewSummary, *, error_code: str, error: str
+        self,
+        summary: NewSummary,
+        *,
+        error_code: str,
+        error: str,
+        owner: str | None = None,
     ) -> bool:
         """Write a summary flagged for review; its job ends needs_review.
 
-        Same transaction and idempotence as complete_job. ``error`` names
-        what needs review (section names, statement positions), never text.
+        Same transaction, idempotence and lease check as complete_job.
+        ``error`` names what needs review (section names, statement
+        positions), never text.
 
         Returns:
             True if this call wrote the summary.
         """
         with self._session() as session:
-            insert = _insert_for(self.engine)
-            result = session.execute(
-                insert(Summary)
-                .values(**summary.__dict__)
-                .on_conflict_do_nothing(index_elements=["job_id"])
-                .returning(Summary.id)
+            ended = _end_job(
+                session,
+                summary.job_id,
+                owner=owner,
+                state=JobState.NEEDS_REVIEW,
+                error_code=error_code,
+                error=error[:2000],
             )
-            written = result.first() is not None
-            session.execute(
-                update(Job)
-                .where(Job.id == summary.job_id)
-                .values(
-                    state=JobState.NEEDS_REVIEW,
-                    error_code=error_code,
-                    error=error[:2000],
-                    lease_owner=None,
-                    lease_until=None,
-                    finished_at=utcnow(),
-                    updated_at=utcnow(),
-                )
-            )
-            return written
+            return ended and _insert_summary(session, self.engine, summary)
 
     def find_patient_summary(self, patient_id: str) -> tuple[Summary, Job] | None:
         """The newest longitudinal summary of a patient."""
@@ -678,6 +713,53 @@ def _make_engine(url: str, *, pool_size: int) -> Engine:
     return create_engine(
         url, pool_size=pool_size, pool_pre_ping=True, pool_recycle=1800
     )
+
+
+def _end_job(
+    session: Session,
+    job_id: str,
+    *,
+    owner: str | None,
+    state: JobState,
+    error_code: str | None,
+    error: str | None,
+) -> bool:
+    """Set a job's final state; True if this call did.
+
+    With an owner, only a running job whose lease that owner still holds is
+    ended, so a delivery that lost its lease cannot overwrite the outcome
+    of the one that took over.
+    """
+    query = update(Job).where(Job.id == job_id)
+    if owner is None:
+        query = query.where(Job.state.not_in(list(FINAL_STATES)))
+    else:
+        query = query.where(Job.state == JobState.RUNNING, Job.lease_owner == owner)
+    now = utcnow()
+    result = session.execute(
+        query.values(
+            state=state,
+            error_code=error_code,
+            error=error,
+            lease_owner=None,
+            lease_until=None,
+            finished_at=now,
+            updated_at=now,
+        ).execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def _insert_summary(session: Session, engine: Engine, summary: NewSummary) -> bool:
+    """Insert a summary unless its job has one; True if this call did."""
+    insert = _insert_for(engine)
+    result = session.execute(
+        insert(Summary)
+        .values(**summary.__dict__)
+        .on_conflict_do_nothing(index_elements=["job_id"])
+        .returning(Summary.id)
+    )
+    return result.first() is not None
 
 
 def _insert_for(engine: Engine) -> Any:

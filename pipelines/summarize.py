@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from pipelines.errors import (
     CompletionInvalidError,
     PermanentError,
     RetryableError,
+    StoreUnavailableError,
 )
 from pipelines.longitudinal import check_longitudinal, summarize_patient
 from pipelines.prompts import Prompt, build_discharge_prompt
@@ -39,6 +42,10 @@ from schemas.summary import SCHEMA_VERSION, DischargeSummary, discharge_json_sch
 from schemas.tables import JobState, SummaryKind
 
 log = structlog.get_logger("chartsum.job")
+
+#: Lease renewals per lease: a lease survives two failed renewals in a row
+#: (a short database outage) before it runs out.
+RENEWALS_PER_LEASE = 3
 
 #: Called at each stage of a job with the stage name and ids/counts only;
 #: the Celery task turns it into a task state operators see on Flower.
@@ -61,7 +68,8 @@ class JobOutcome:
     completion_tokens: int | None = None
     duration_ms: int = 0
     error: str | None = None
-    #: False when this delivery found the job already final or leased.
+    #: False when this delivery found the job already final or leased, at
+    #: its claim or (its lease lost) at its final write.
     ran: bool = True
     #: Share of statements supported by their cited notes, when stored.
     support_rate: float | None = None
@@ -104,6 +112,128 @@ class _Made:
     failed_sections: list[str]
 
 
+class LeaseRenewer:
+    """Keeps the leases of a process's running jobs from running out.
+
+    One thread renews every held lease each ``interval_s``. It starts with
+    the first held job and ends once none is held, so an idle process (or
+    one that forks after building its Summarizer, as Celery's prefork pool
+    does) has no thread to lose.
+
+    Args:
+        store: The database.
+        lease_s: Seconds each renewal extends a lease by, from now.
+        interval_s: Seconds between renewals; None means a third of
+            ``lease_s`` (see RENEWALS_PER_LEASE).
+    """
+
+    def __init__(
+        self, store: ChartStore, *, lease_s: int, interval_s: float | None = None
+    ) -> None:
+        self.store = store
+        self.lease_s = lease_s
+        self.interval_s = (
+            lease_s / RENEWALS_PER_LEASE if interval_s is None else interval_s
+        )
+        # Lease owner by job id; guarded by _changed, like the fields below.
+        self._held: dict[str, str] = {}
+        self._renewing: str | None = None
+        self._thread: threading.Thread | None = None
+        self._changed = threading.Condition()
+
+    def hold(self, claim: ClaimedJob) -> None:
+        """Renew this job's lease until it is dropped."""
+        with self._changed:
+            self._held[claim.job_id] = claim.lease_owner
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._renew_until_idle,
+                    name="chartsum-lease-renewer",
+                    daemon=True,
+                )
+                self._thread.start()
+
+    def drop(self, claim: ClaimedJob) -> None:
+        """Stop renewing this job's lease (safe to repeat).
+
+        Returns once no renewal of the job is in flight, so a final write
+        made after it cannot be followed by a renewal that reports the
+        ended job's lease as lost.
+        """
+        with self._changed:
+            # A later delivery of the same job in this process holds it
+            # under another owner: leave that one be.
+            if self._held.get(claim.job_id) == claim.lease_owner:
+                del self._held[claim.job_id]
+            self._changed.notify_all()
+            while self._renewing == claim.job_id:
+                self._changed.wait()
+
+    def held_job_ids(self) -> list[str]:
+        """The jobs whose leases are being renewed."""
+        with self._changed:
+            return list(self._held)
+
+    def _renew_until_idle(self) -> None:
+        due_at = time.monotonic() + self.interval_s
+        while True:
+            with self._changed:
+                while self._held and (wait_s := due_at - time.monotonic()) > 0:
+                    self._changed.wait(wait_s)
+                if not self._held:
+                    self._thread = None
+                    return
+                due = list(self._held.items())
+            due_at = time.monotonic() + self.interval_s
+            for job_id, owner in due:
+                self._renew(job_id, owner)
+
+    def _renew(self, job_id: str, owner: str) -> None:
+        with self._changed:
+            if self._held.get(job_id) != owner:
+                return  # dropped since this round began
+            self._renewing = job_id
+        lost = False
+        try:
+            lost = not self._renew_lease(job_id, owner)
+        finally:
+            with self._changed:
+                self._renewing = None
+                if lost:
+                    self._held.pop(job_id, None)
+                self._changed.notify_all()
+
+    def _renew_lease(self, job_id: str, owner: str) -> bool:
+        """Renew one lease; False only when it is known to be lost."""
+        try:
+            held = self.store.renew_lease(job_id, owner=owner, lease_s=self.lease_s)
+        except StoreUnavailableError as exc:
+            # The lease outlasts two more ticks: the database may be back.
+            log.warning(
+                "job_lease_renewal_failed",
+                job_id=job_id,
+                error=str(exc),
+                next_try_s=round(self.interval_s, 1),
+            )
+            return True
+        except Exception as exc:
+            # This thread is the boundary for renewals: a bug here must not
+            # stop the renewal of other jobs, nor end the worker. Frames
+            # only, as at the task boundary.
+            log.error(
+                "job_lease_renewal_crashed",
+                job_id=job_id,
+                error_type=type(exc).__name__,
+                traceback="".join(traceback.format_tb(exc.__traceback__)),
+            )
+            return True
+        if not held:
+            # Another delivery took the job over, or an operator ended it;
+            # this delivery's final write will be refused.
+            log.warning("job_lease_lost", job_id=job_id)
+        return held
+
+
 class Summarizer:
     """Everything one worker process needs to run jobs, built once.
 
@@ -137,6 +267,7 @@ class Summarizer:
         self.model_fingerprint = model_fingerprint
         self.context = context
         self.embedder = embedder
+        self.leases = LeaseRenewer(store, lease_s=settings.pipeline.job_lease_s)
 
     def process_job(
         self, job_id: str, *, on_progress: ProgressCallback = _no_progress
@@ -164,16 +295,20 @@ class Summarizer:
         structlog.contextvars.bind_contextvars(
             job_id=job_id, stay_id=claim.stay_id, attempt=claim.attempt
         )
+        # Renewed until the final write; each final write drops it first.
+        self.leases.hold(claim)
         try:
             on_progress("claimed", {"attempt": claim.attempt})
             outcome = self._run(claim, started, on_progress)
         except PermanentError as exc:
             outcome = self._end_permanently(claim, exc, started)
         except RetryableError as exc:
+            self.leases.drop(claim)
             self.store.release_job(job_id, owner=claim.lease_owner, error=str(exc))
             log.warning("job_released_for_retry", error=str(exc))
             raise
         finally:
+            self.leases.drop(claim)
             structlog.contextvars.unbind_contextvars("job_id", "stay_id", "attempt")
         return outcome
 
@@ -231,6 +366,8 @@ class Summarizer:
         lap = time.perf_counter()
         state = self._store_summary(claim, made, total_ms)
         _lap(stage_ms, "write", lap)
+        if state is None:
+            return self._lease_lost(claim, "summary", total_ms)
         outcome = JobOutcome(
             job_id=claim.job_id,
             state=state,
@@ -396,12 +533,18 @@ class Summarizer:
             failed_sections=result.failed_sections,
         )
 
-    def _store_summary(self, claim: ClaimedJob, made: _Made, total_ms: int) -> JobState:
+    def _store_summary(
+        self, claim: ClaimedJob, made: _Made, total_ms: int
+    ) -> JobState | None:
         """Store the summary; a low support rate or a failed section flags it.
 
         A flagged summary is stored all the same, so a clinician can review
         it; the job ends needs_review and its error names the unsupported
         statements by position (never their text).
+
+        Returns:
+            The job's final state, or None when nothing was stored because
+            this delivery no longer holds the job's lease.
         """
         min_rate = self.settings.pipeline.min_support_rate
         summary = NewSummary(
@@ -425,13 +568,19 @@ class Summarizer:
         reasons = review_reasons(
             made.support, min_rate=min_rate, failed_sections=made.failed_sections
         )
+        self.leases.drop(claim)
         if not reasons:
-            self.store.complete_job(summary)
-            return JobState.SUCCEEDED
+            stored = self.store.complete_job(summary, owner=claim.lease_owner)
+            return JobState.SUCCEEDED if stored else None
         code = "low_support" if made.support.support_rate < min_rate else "incomplete"
-        self.store.complete_job_for_review(
-            summary, error_code=code, error="; ".join(reasons)
+        stored = self.store.complete_job_for_review(
+            summary,
+            error_code=code,
+            error="; ".join(reasons),
+            owner=claim.lease_owner,
         )
+        if not stored:
+            return None
         log.info(
             "summary_needs_review",
             error_code=code,
@@ -499,9 +648,17 @@ class Summarizer:
         self, claim: ClaimedJob, exc: PermanentError, started: float
     ) -> JobOutcome:
         state = JobState(exc.job_state)
-        self.store.fail_job(
-            claim.job_id, state=state, error_code=type(exc).__name__, error=str(exc)
+        self.leases.drop(claim)
+        ended = self.store.fail_job(
+            claim.job_id,
+            state=state,
+            error_code=type(exc).__name__,
+            error=str(exc),
+            owner=claim.lease_owner,
         )
+        if not ended:
+            duration_ms = int((time.perf_counter() - started) * 1000)
+            return self._lease_lost(claim, "failure", duration_ms)
         job = self.store.get_job(claim.job_id)
         outcome = JobOutcome(
             job_id=claim.job_id,
@@ -513,6 +670,28 @@ class Summarizer:
             error=str(exc),
         )
         self._log_outcome(outcome, claim, error_code=type(exc).__name__)
+        return outcome
+
+    def _lease_lost(
+        self, claim: ClaimedJob, result: str, duration_ms: int
+    ) -> JobOutcome:
+        """The outcome of a delivery whose final write was refused.
+
+        Another delivery took the job over (or an operator ended it) after
+        this one's lease was lost; the job row keeps that outcome.
+        """
+        job = self.store.get_job(claim.job_id)
+        state = job.state if job is not None else "unknown"
+        log.warning("job_result_discarded", result=result, state=state)
+        outcome = JobOutcome(
+            job_id=claim.job_id,
+            state=state,
+            stay_id=claim.stay_id,
+            duration_ms=duration_ms,
+            error="lease lost before the final write; nothing was written",
+            ran=False,
+        )
+        self._log_outcome(outcome, claim, lease_lost=True)
         return outcome
 
     def _not_claimed(self, job_id: str) -> JobOutcome:

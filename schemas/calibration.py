@@ -17,11 +17,11 @@ from pydantic import BaseModel, Field
 #: Lowest band score at which a length still counts as usable.
 DEFAULT_THRESHOLD = 0.85
 #: Trials per (length, band, kind) cell in a full run; quick runs one.
-DEFAULT_TRIALS = 2
+DEFAULT_TRIALS = 3
 QUICK_TRIALS = 1
 #: Rungs below the top one; the top is the engine's maximum less the answer.
-LADDER_TOKENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-QUICK_LADDER_TOKENS = (1024, 2048)
+LADDER_TOKENS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+QUICK_LADDER_TOKENS = (256, 1024)
 #: Kept free above the longest probe for its answer (the largest probe
 #: budget is 100 tokens).
 ANSWER_RESERVE_TOKENS = 128

@@ -100,6 +100,15 @@ class VllmSettings(BaseModel):
         32, description="Most sequences the in-process engine batches at once."
     )
     dtype: str = Field("bfloat16", description="Weights dtype for in-process vLLM.")
+    cpu_threads_bind: str = Field(
+        "all",
+        description=(
+            "CPU engines only: cores for vLLM's OpenMP threads. 'all': every"
+            " core this process may run on; 'auto': vLLM's own choice, which"
+            " keeps one core for its scheduler; or a list such as '0-7'."
+            " VLLM_CPU_OMP_THREADS_BIND in the environment wins."
+        ),
+    )
     request_timeout_s: float = Field(
         600.0, description="Longest wait for one completion before giving up."
     )

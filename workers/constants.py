@@ -22,3 +22,7 @@ RETRY_BACKOFF_MAX_S = 600
 
 #: Task results carry ids and counts only; a day is enough for Flower.
 RESULT_TTL_S = 86_400
+
+#: Exit status of ``chartsum worker`` after its in-process engine died
+#: (EX_TEMPFAIL): the supervisor should start it again.
+EXIT_ENGINE_DEAD = 75

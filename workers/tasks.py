@@ -7,6 +7,8 @@ results hold ids and counts only, so Redis and Flower never see note text.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import traceback
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import structlog
 from celery import Celery, Task
 
-from pipelines.errors import RetryableError
+from pipelines.errors import EngineDeadError, RetryableError
 from pipelines.summarize import Summarizer
 from schemas.settings import Settings
 from schemas.tables import JobState
@@ -32,6 +34,27 @@ log = structlog.get_logger("chartsum.worker")
 
 _lock = threading.Lock()
 _summarizer: Summarizer | None = None
+_engine_died = threading.Event()
+
+
+def engine_died() -> bool:
+    """Whether a task of this process saw its in-process engine die."""
+    return _engine_died.is_set()
+
+
+def _shut_down_for_dead_engine() -> None:
+    """Ask this worker for a warm shutdown, once.
+
+    The engine cannot come back inside this process, so every job it took
+    would only fail and retry. SIGTERM is Celery's warm shutdown: jobs in
+    flight end (and retry elsewhere), nothing new is taken, and ``chartsum
+    worker`` exits with EXIT_ENGINE_DEAD so its supervisor restarts it.
+    """
+    if _engine_died.is_set():
+        return
+    _engine_died.set()
+    log.critical("engine_dead_worker_shutting_down")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def install_summarizer(summarizer: Summarizer) -> None:
@@ -152,6 +175,8 @@ def _run(task: Task, summarizer: Summarizer, job_id: str) -> dict[str, Any]:
     try:
         outcome = summarizer.process_job(job_id, on_progress=report)
     except RetryableError as exc:
+        if isinstance(exc, EngineDeadError):
+            _shut_down_for_dead_engine()
         retries = task.request.retries
         if retries >= MAX_RETRIES:
             summarizer.store.fail_job(

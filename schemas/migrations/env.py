@@ -9,8 +9,7 @@ from schemas.tables import Base
 
 config = context.config
 url = str(
-    config.attributes.get("connection_url")
-    or config.get_main_option("sqlalchemy.url")
+    config.attributes.get("connection_url") or config.get_main_option("sqlalchemy.url")
 )
 
 

@@ -243,16 +243,23 @@ def test_the_default_ladder_ends_at_the_engine_maximum_less_the_answer() -> None
     """8192 tokens give 1k, 2k, 4k and 8192 - 128."""
     plan = plan_calibration(max_model_len_tokens=8192)
 
-    assert plan.lengths_tokens == (1024, 2048, 4096, 8192 - ANSWER_RESERVE_TOKENS)
+    assert plan.lengths_tokens == (
+        256,
+        512,
+        1024,
+        2048,
+        4096,
+        8192 - ANSWER_RESERVE_TOKENS,
+    )
     assert plan.mode == "full"
-    assert plan.probe_count == 4 * 3 * 3 * plan.trials
+    assert plan.probe_count == 6 * 3 * 3 * plan.trials
 
 
 def test_a_quick_plan_tests_two_lengths_once() -> None:
     """Quick mode is 1k and 2k with one trial."""
     plan = plan_calibration(max_model_len_tokens=8192, quick=True)
 
-    assert (plan.lengths_tokens, plan.trials, plan.mode) == ((1024, 2048), 1, "quick")
+    assert (plan.lengths_tokens, plan.trials, plan.mode) == ((256, 1024), 1, "quick")
 
 
 def test_a_length_without_room_for_the_answer_is_refused() -> None:

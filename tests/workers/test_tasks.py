@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from celery.exceptions import Retry
 
-from pipelines.errors import StoreUnavailableError
+from pipelines.errors import EngineDeadError, StoreUnavailableError
 from pipelines.stays import parse_stay_lines
 from pipelines.store import ChartStore
 from tests.helpers import stay_line
@@ -100,6 +100,28 @@ def test_an_unexpected_exception_fails_only_its_job_without_quoting_it(
     assert result["state"] == "failed"
     assert job is not None and job.error_code == "internal_error"
     assert secret not in (job.error or "")
+
+
+def test_a_dead_engine_hands_the_job_back_and_shuts_the_worker_down(
+    sqlite_store: ChartStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job is retried elsewhere; the worker asks for one warm shutdown."""
+    signals: list[int] = []
+    monkeypatch.setattr(tasks.os, "kill", lambda _pid, sig: signals.append(sig))
+    monkeypatch.setattr(tasks, "_engine_died", tasks.threading.Event())
+    job_id = _job(sqlite_store)
+    summarizer = _Summarizer(sqlite_store, EngineDeadError("engine died"))
+
+    for _ in range(2):
+        task = _Task(retries=0)
+        with pytest.raises(Retry):
+            tasks._run(task, summarizer, job_id)  # type: ignore[arg-type]
+        assert task.retried_with is not None
+
+    assert signals == [tasks.signal.SIGTERM]
+    assert tasks.engine_died()
+    job = sqlite_store.get_job(job_id)
+    assert job is not None and job.state == "queued"
 
 
 def test_retry_delays_double_and_stop_at_the_cap() -> None:
