@@ -232,8 +232,15 @@ def worker(ctx: click.Context, concurrency: int | None, queues: str) -> None:
     required=False,
 )
 @click.option("--limit", type=int, default=None, help="Only the first N stays.")
+@click.option(
+    "--kind",
+    type=click.Choice(["discharge", "longitudinal"]),
+    default="discharge",
+    show_default=True,
+    help="A discharge summary per stay, or a longitudinal one per patient.",
+)
 @click.pass_context
-def run(ctx: click.Context, path: Path | None, limit: int | None) -> None:
+def run(ctx: click.Context, path: Path | None, limit: int | None, kind: str) -> None:
     """The embedded default: ingest, summarize and store, all in this process.
 
     Without PATH the example stays shipped with chartsum are used.
@@ -250,9 +257,15 @@ def run(ctx: click.Context, path: Path | None, limit: int | None) -> None:
     summarizer = build_summarizer(settings)
     try:
         summarizer.store.ingest(stays)
-        jobs = summarizer.store.create_jobs(
-            kind="discharge", stay_ids=[s.stay_id for s in stays], queue="embedded"
-        )
+        if kind == "longitudinal":
+            patients = list(dict.fromkeys(s.patient_id for s in stays))
+            jobs = summarizer.store.create_patient_jobs(
+                kind=kind, patient_ids=patients, queue="embedded"
+            )
+        else:
+            jobs = summarizer.store.create_jobs(
+                kind=kind, stay_ids=[s.stay_id for s in stays], queue="embedded"
+            )
         started = time.perf_counter()
         outcomes = _run_jobs(summarizer, [job_id for job_id, _ in jobs], settings)
         elapsed_s = time.perf_counter() - started
@@ -260,7 +273,7 @@ def run(ctx: click.Context, path: Path | None, limit: int | None) -> None:
         summarizer.engine.close()
     _print_outcomes(outcomes, summarizer.store, elapsed_s)
     click.echo(f"summaries are in {_safe_url(settings.database_url)}")
-    click.echo("read one with: chartsum show STAY_ID")
+    click.echo("read one with: chartsum show STAY_OR_PATIENT_ID")
 
 
 def _run_jobs(summarizer: Any, job_ids: list[str], settings: Settings) -> list[Any]:
@@ -287,13 +300,14 @@ def _run_jobs(summarizer: Any, job_ids: list[str], settings: Settings) -> list[A
 
 def _print_outcomes(outcomes: list[Any], store: Any, elapsed_s: float) -> None:
     jobs = {job.id: job for job in store.jobs_by_id([o.job_id for o in outcomes])}
-    table = Table(title=f"chartsum run: {len(outcomes)} stays in {elapsed_s:.0f} s")
-    for column in ("stay", "route", "prompt tok", "completion tok", "outcome", "s"):
+    table = Table(title=f"chartsum run: {len(outcomes)} jobs in {elapsed_s:.0f} s")
+    columns = ("stay or patient", "route", "prompt tok", "completion tok", "outcome")
+    for column in (*columns, "s"):
         table.add_column(column)
     for outcome in outcomes:
         job = jobs.get(outcome.job_id)
         table.add_row(
-            (job.stay_id if job else outcome.stay_id) or "?",
+            (job.stay_id or job.patient_id if job else outcome.stay_id) or "?",
             (outcome.route or (job.route if job else None)) or "-",
             str(outcome.prompt_tokens or (job.prompt_tokens if job else "") or "-"),
             str(outcome.completion_tokens or "-"),

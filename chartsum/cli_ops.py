@@ -88,7 +88,9 @@ def backfill(
     total = count_backfill_stays(store, request)
 
     def send(job_id: str, queue: str) -> None:
-        app.send_task(TASK_SUMMARIZE, args=[job_id], queue=queue)
+        # No task result: the job row records the outcome, and a result per
+        # task would subscribe this process to a Redis channel per job.
+        app.send_task(TASK_SUMMARIZE, args=[job_id], queue=queue, ignore_result=True)
 
     columns = [
         TextColumn("{task.description}"),

@@ -115,13 +115,13 @@ def run_backfill(
         page = _next_page(store, request, after=cursor)
         if not page:
             break
-        for stay_id, wanted in page:
-            if not wanted:
-                skipped += 1
-                continue
-            [(job_id, created)] = store.create_jobs(
-                kind=request.kind, stay_ids=[stay_id], queue=queue, origin=backfill_id
-            )
+        wanted_ids = [stay_id for stay_id, wanted in page if wanted]
+        skipped += len(page) - len(wanted_ids)
+        # One transaction writes the page's job rows; then each is sent.
+        jobs = store.create_jobs(
+            kind=request.kind, stay_ids=wanted_ids, queue=queue, origin=backfill_id
+        )
+        for job_id, created in jobs:
             if not created and not _ours_and_unsent(store, job_id, backfill_id):
                 skipped += 1
                 continue

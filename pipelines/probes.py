@@ -6,7 +6,7 @@ question asked after it, in the chat template the workers use. Needle facts
 (drug names, doses, lab values) are drawn by a seeded RNG from fixed lists,
 so a probe is the same on every run, and answers are scored by exact rules.
 
-Scoring rules (documented in docs/calibration-smollm2.md too):
+Scoring rules (documented in docs/calibration.md too):
 
 - Text is compared after NFKC, case folding and turning every run of
   characters other than letters and digits into one space.

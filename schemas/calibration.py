@@ -13,7 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 # Defaults of `chartsum calibrate`. When one changes, update the command's
-# help, README.md ("Calibration") and docs/calibration-smollm2.md.
+# help, README.md ("Effective context: calibration and routing") and
+# docs/calibration.md.
 #: Lowest band score at which a length still counts as usable.
 DEFAULT_THRESHOLD = 0.85
 #: Trials per (length, band, kind) cell in a full run; quick runs one.

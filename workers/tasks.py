@@ -149,7 +149,7 @@ def register(app: Celery) -> None:
                 store,
                 request,
                 send=lambda job_id, queue: self.app.send_task(
-                    TASK_SUMMARIZE, args=[job_id], queue=queue
+                    TASK_SUMMARIZE, args=[job_id], queue=queue, ignore_result=True
                 ),
                 queue=QUEUE_BACKFILL,
                 rate_limit_per_s=settings.operations.backfill_rate_limit_per_s,
