@@ -10,6 +10,10 @@ an invalid or cut-off summary counts as a miss, and is also reported.
 
     python -m benchmarks.chunked_recall --lengths 2000,4000,6000 --trials 3
 
+It first prints, for each trial, which section requests of the chunked
+route quote the planted sentence at all (chunking, dedupe, retrieval and
+packing only; ``--prompts-only`` stops there), then the model's recall.
+
 Prints one JSON line per length and route; nothing about note text.
 """
 
@@ -168,6 +172,60 @@ def chunked(
         return list(pool.map(one, enumerate(trials)))
 
 
+def fact_in_section_prompts(
+    trial: Trial,
+    counter: TokenCounter,
+    settings: Settings,
+    context_tokens: int,
+    fact_text: str,
+) -> list[str]:
+    """The sections whose request quotes the planted fact (no engine).
+
+    The chunked route's own chunking, dedupe, retrieval and prompt packing,
+    stopped before generation: whether the fact can reach the model at all.
+    """
+    from pipelines.chunked import (
+        DISCHARGE_SECTIONS,
+        _chart_sources,
+        build_section_prompt,
+        retrieve_sources,
+        stay_preamble,
+    )
+
+    pipeline = settings.pipeline
+    preamble = stay_preamble(trial.chart)
+    sources = _chart_sources(
+        trial.chart,
+        counter=counter,
+        specs=DISCHARGE_SECTIONS,
+        preamble=preamble,
+        context_tokens=context_tokens,
+        completion_tokens=pipeline.chunk_completion_tokens,
+    )
+    ranked = retrieve_sources(
+        sources,
+        DISCHARGE_SECTIONS,
+        embedder=shared_embedder(),
+        top_k=pipeline.chunk_top_k,
+    )
+    found = []
+    for spec in DISCHARGE_SECTIONS:
+        prompt = build_section_prompt(
+            spec,
+            ranked[spec.name],
+            preamble=preamble,
+            counter=counter,
+            context_tokens=context_tokens,
+            completion_tokens=pipeline.chunk_completion_tokens,
+        )
+        if prompt is None:
+            continue
+        user = " ".join(m["content"] for m in prompt.prompt.messages)
+        if fact_text in user:
+            found.append(spec.name)
+    return found
+
+
 def main() -> None:
     """Run the benchmark and print one JSON line per length and route."""
     parser = argparse.ArgumentParser()
@@ -175,6 +233,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--routes", default="single_pass,chunked")
+    parser.add_argument(
+        "--prompts-only",
+        action="store_true",
+        help="Only check whether the fact reaches a section prompt; no engine.",
+    )
     args = parser.parse_args()
     settings = Settings()
     counter = TokenCounter.from_model_dir(settings.model_dir)
@@ -195,6 +258,23 @@ def main() -> None:
         for i, length in enumerate(args.lengths.split(","))
         for j in range(args.trials)
     ]
+    facts = dict(FACTS)
+    for trial in trials:
+        sections = fact_in_section_prompts(
+            trial, counter, settings, args.context, facts[trial.drug]
+        )
+        print(
+            json.dumps(
+                {
+                    "route": "chunked (prompts only, no model)",
+                    "length_tokens": trial.length_tokens,
+                    "fact_reaches_sections": sections,
+                }
+            ),
+            flush=True,
+        )
+    if args.prompts_only:
+        return
     engine = InProcessEngine(model_dir=settings.model_dir, settings=settings.vllm)
 
     def run(route: str) -> tuple[str, list[tuple[bool, bool]], int]:
