@@ -174,9 +174,10 @@ class PipelineSettings(BaseModel):
         ),
     )
     job_lease_s: int = Field(
-        1800,
+        300,
         description=(
-            "Seconds a running job is held before another delivery may take it."
+            "Seconds a running job's lease lasts; renewed every third of it while"
+            " the job runs, so a dead worker's job moves on this long after it died."
         ),
     )
 
