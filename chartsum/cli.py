@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 import structlog
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -34,7 +35,18 @@ def _settings(ctx: click.Context) -> Settings:
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """Summarize hospital stays with a local model."""
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # One line per bad variable, named as it is set; never the value,
+        # which may be a password.
+        problems = "; ".join(
+            "CHARTSUM_"
+            + "__".join(str(part).upper() for part in error["loc"])
+            + f": {error['msg']}"
+            for error in exc.errors()
+        )
+        raise click.ClickException(f"invalid settings: {problems}") from None
     configure_logging(settings.logging)
     ctx.obj = settings
 
@@ -92,13 +104,16 @@ def ingest(ctx: click.Context, path: Path) -> None:
     counts = store.ingest(stays)
     for error in parsed.errors:
         click.echo(f"error: {path.name} {error}", err=True)
+    for stay_id, reason in counts.rejected:
+        click.echo(f"error: {path.name} stay {stay_id}: {reason}", err=True)
+    rejected = len(parsed.errors) + len(counts.rejected)
     click.echo(
         f"stays: {counts.added} added, {counts.updated} updated,"
-        f" {counts.unchanged} unchanged, {len(parsed.errors)} rejected"
+        f" {counts.unchanged} unchanged, {rejected} rejected"
     )
     if parsed.removed_control_chars:
         click.echo(f"removed {parsed.removed_control_chars} control characters")
-    if parsed.errors:
+    if rejected:
         sys.exit(1)
 
 
@@ -231,7 +246,9 @@ def worker(ctx: click.Context, concurrency: int | None, queues: str) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     required=False,
 )
-@click.option("--limit", type=int, default=None, help="Only the first N stays.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Only the first N stays."
+)
 @click.option(
     "--kind",
     type=click.Choice(["discharge", "longitudinal"]),
@@ -256,7 +273,11 @@ def run(ctx: click.Context, path: Path | None, limit: int | None, kind: str) -> 
     stays = parsed.stays[:limit] if limit else parsed.stays
     summarizer = build_summarizer(settings)
     try:
-        summarizer.store.ingest(stays)
+        counts = summarizer.store.ingest(stays)
+        for stay_id, reason in counts.rejected:
+            click.echo(f"error: {path.name} stay {stay_id}: {reason}", err=True)
+        refused = {stay_id for stay_id, _ in counts.rejected}
+        stays = [s for s in stays if s.stay_id not in refused]
         if kind == "longitudinal":
             patients = list(dict.fromkeys(s.patient_id for s in stays))
             jobs = summarizer.store.create_patient_jobs(
@@ -274,6 +295,10 @@ def run(ctx: click.Context, path: Path | None, limit: int | None, kind: str) -> 
     _print_outcomes(outcomes, summarizer.store, elapsed_s)
     click.echo(f"summaries are in {_safe_url(settings.database_url)}")
     click.echo("read one with: chartsum show STAY_OR_PATIENT_ID")
+    rejected = len(parsed.errors) + len(counts.rejected)
+    if rejected:
+        click.echo(f"{rejected} stay line(s) rejected (listed above)", err=True)
+        sys.exit(1)
 
 
 def _run_jobs(summarizer: Any, job_ids: list[str], settings: Settings) -> list[Any]:
@@ -301,8 +326,9 @@ def _run_jobs(summarizer: Any, job_ids: list[str], settings: Settings) -> list[A
 def _print_outcomes(outcomes: list[Any], store: Any, elapsed_s: float) -> None:
     jobs = {job.id: job for job in store.jobs_by_id([o.job_id for o in outcomes])}
     table = Table(title=f"chartsum run: {len(outcomes)} jobs in {elapsed_s:.0f} s")
-    columns = ("stay or patient", "route", "prompt tok", "completion tok", "outcome")
-    for column in (*columns, "s"):
+    # Ids are never cut: they are what `chartsum show` takes.
+    table.add_column("stay or patient", overflow="fold", min_width=20)
+    for column in ("route", "prompt tok", "completion tok", "outcome", "s"):
         table.add_column(column)
     for outcome in outcomes:
         job = jobs.get(outcome.job_id)
@@ -344,6 +370,12 @@ def show(ctx: click.Context, key: str, as_json: bool) -> None:
         click.echo(json.dumps(_summary_json(summary, job), indent=2))
         return
     console.print(render_summary(summary, job))
+    if summary.stay_id is not None and store.stay_changed_since(summary):
+        click.echo(
+            f"warning: stay {summary.stay_id} was re-ingested with other content"
+            " after this summary was made; enqueue it again for a current one",
+            err=True,
+        )
 
 
 @cli.command()
@@ -354,12 +386,12 @@ def route(ctx: click.Context, stay_id: str) -> None:
     from pipelines.model import model_fingerprint
     from pipelines.prompts import build_discharge_prompt
     from pipelines.routing import choose_route
-    from pipelines.runtime import effective_context, open_store
+    from pipelines.runtime import effective_context, open_store, require_model_dir
     from pipelines.tokens import TokenCounter
 
     settings = _settings(ctx)
+    tokens = TokenCounter.from_model_dir(require_model_dir(settings))
     store = open_store(settings)
-    tokens = TokenCounter.from_model_dir(settings.model_dir)
     chart = store.load_chart(stay_id)
     prompt = build_discharge_prompt(chart, tokens=tokens)
     context = effective_context(

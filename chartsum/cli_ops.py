@@ -72,11 +72,12 @@ def backfill(
     from workers.constants import QUEUE_BACKFILL, TASK_SUMMARIZE
 
     settings = _settings(ctx)
-    if kind != "discharge":
-        raise click.UsageError("backfill supports --kind discharge only for now")
+    start, end = _parse_date(since), _parse_date(until)
+    if start >= end:
+        raise click.UsageError(f"--since {since} is not before --until {until}")
     request = BackfillRequest(
-        since=_parse_date(since),
-        until=_parse_date(until),
+        since=start,
+        until=end,
         kind=kind,
         missing_only=missing_only,
         model_changed_from=(

@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy import and_, exists, func, or_, select
 
 from pipelines.store import ChartStore, utcnow
-from schemas.tables import Backfill, Job, JobState, Stay, Summary
+from schemas.tables import Backfill, Job, JobState, Stay, Summary, SummaryKind
 
 log = structlog.get_logger("chartsum.backfill")
 
@@ -72,11 +72,16 @@ class BackfillCounts:
 
 
 def count_backfill_stays(store: ChartStore, request: BackfillRequest) -> int:
-    """How many stays fall in the backfill's time window (for a progress bar)."""
+    """How many stays (longitudinal: patients) fall in the backfill's window."""
+    counted = (
+        func.count(func.distinct(Stay.patient_id))
+        if request.kind == SummaryKind.LONGITUDINAL
+        else func.count()
+    )
     with store.session() as session:
         return int(
             session.execute(
-                select(func.count()).select_from(Stay).where(_in_window(request))
+                select(counted).select_from(Stay).where(_in_window(request))
             ).scalar_one()
         )
 
@@ -111,16 +116,28 @@ def run_backfill(
     cursor = row.cursor
     interval_s = 1.0 / rate_limit_per_s if rate_limit_per_s > 0 else 0.0
     next_send = time.monotonic()
+    longitudinal = request.kind == SummaryKind.LONGITUDINAL
     while True:
-        page = _next_page(store, request, after=cursor)
+        if longitudinal:
+            page = _next_patient_page(store, request, after=cursor)
+        else:
+            page = _next_page(store, request, after=cursor)
         if not page:
             break
-        wanted_ids = [stay_id for stay_id, wanted in page if wanted]
+        wanted_ids = [key for key, wanted in page if wanted]
         skipped += len(page) - len(wanted_ids)
         # One transaction writes the page's job rows; then each is sent.
-        jobs = store.create_jobs(
-            kind=request.kind, stay_ids=wanted_ids, queue=queue, origin=backfill_id
-        )
+        if longitudinal:
+            jobs = store.create_patient_jobs(
+                kind=request.kind,
+                patient_ids=wanted_ids,
+                queue=queue,
+                origin=backfill_id,
+            )
+        else:
+            jobs = store.create_jobs(
+                kind=request.kind, stay_ids=wanted_ids, queue=queue, origin=backfill_id
+            )
         for job_id, created in jobs:
             if not created and not _ours_and_unsent(store, job_id, backfill_id):
                 skipped += 1
@@ -201,6 +218,48 @@ def _next_page(
         query = query.where(Stay.id > after)
     with store.session() as session:
         return [(stay_id, bool(flag)) for stay_id, flag in session.execute(query)]
+
+
+def _next_patient_page(
+    store: ChartStore, request: BackfillRequest, *, after: str | None
+) -> list[tuple[str, bool]]:
+    """The next patients with a stay in the window, in id order, each with
+    whether the request wants a longitudinal summary for them.
+    """
+    patients = select(Stay.patient_id).where(_in_window(request)).distinct()
+    if after is not None:
+        patients = patients.where(Stay.patient_id > after)
+    page = patients.order_by(Stay.patient_id).limit(PAGE_SIZE).subquery()
+    patient_id = page.c.patient_id
+    open_job = exists().where(
+        Job.patient_id == patient_id,
+        Job.stay_id.is_(None),
+        Job.kind == request.kind,
+        Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
+        ~((Job.origin == request.backfill_id) & (Job.state == JobState.QUEUED)),
+    )
+    done = exists().where(
+        Summary.patient_id == patient_id,
+        Summary.kind == request.kind,
+    )
+    wanted = ~open_job
+    reasons = []
+    if request.missing_only:
+        reasons.append(~done)
+    if request.model_changed_from is not None:
+        newest = (
+            select(Summary.model_fingerprint)
+            .where(Summary.patient_id == patient_id, Summary.kind == request.kind)
+            .order_by(Summary.created_at.desc(), Summary.id.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        reasons.append(done & (newest != request.model_changed_from))
+    if reasons:
+        wanted = wanted & or_(*reasons)
+    query = select(patient_id, wanted).order_by(patient_id)
+    with store.session() as session:
+        return [(key, bool(flag)) for key, flag in session.execute(query)]
 
 
 def _open_backfill(store: ChartStore, request: BackfillRequest) -> Backfill:

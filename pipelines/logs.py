@@ -28,6 +28,8 @@ QUIET_LOGGERS = (
     "tornado",
     "urllib3",
     "transformers",
+    "sentence_transformers",
+    "bm25s",
 )
 
 #: Longest value a log line carries; anything longer is cut (it may be a repr

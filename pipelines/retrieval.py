@@ -14,6 +14,7 @@ generic; a chart that names a section in other words relies on the embeddings.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -138,6 +139,8 @@ class ChunkIndex:
         if texts:
             import bm25s
 
+            # bm25s sets its own logger to DEBUG when imported.
+            logging.getLogger("bm25s").setLevel(logging.WARNING)
             self._bm25 = bm25s.BM25()
             self._bm25.index(_words(texts), show_progress=False)
         self._vectors: FloatMatrix | None = None

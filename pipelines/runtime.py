@@ -90,6 +90,22 @@ def admit_by_tokens(engine: Engine, settings: Settings, model_dir: Path) -> Engi
     return AdmittingEngine(engine, capacity_tokens=capacity)
 
 
+def require_model_dir(settings: Settings) -> Path:
+    """The configured model folder, checked to hold a model.
+
+    Raises:
+        ModelPrepareError: The folder has no model; run
+            `chartsum model prepare` or set CHARTSUM_VLLM__MODEL_DIR.
+    """
+    model_dir = settings.model_dir
+    if not (model_dir / "config.json").is_file():
+        raise ModelPrepareError(
+            f"no model at {model_dir}; run `chartsum model prepare` or set"
+            " CHARTSUM_VLLM__MODEL_DIR to a local model folder"
+        )
+    return model_dir
+
+
 def build_summarizer(
     settings: Settings, *, store: ChartStore | None = None
 ) -> Summarizer:
@@ -99,12 +115,7 @@ def build_summarizer(
         ModelPrepareError: The model folder is missing; run
             `chartsum model prepare` or set CHARTSUM_VLLM__MODEL_DIR.
     """
-    model_dir = settings.model_dir
-    if not (model_dir / "config.json").is_file():
-        raise ModelPrepareError(
-            f"no model at {model_dir}; run `chartsum model prepare` or set"
-            " CHARTSUM_VLLM__MODEL_DIR to a local model folder"
-        )
+    model_dir = require_model_dir(settings)
     store = store or open_store(settings)
     tokens = TokenCounter.from_model_dir(model_dir)
     fingerprint = model_fingerprint(model_dir)

@@ -137,7 +137,8 @@ def parse_stay_lines(lines: Iterable[str]) -> ParsedStays:
 
 def read_stays_file(path: Path) -> ParsedStays:
     """Parse a JSON-lines file of stays (see parse_stay_lines)."""
-    with path.open(encoding="utf-8", errors="replace") as lines:
+    # utf-8-sig: exports from Windows tools often begin with a byte-order mark.
+    with path.open(encoding="utf-8-sig", errors="replace") as lines:
         return parse_stay_lines(lines)
 
 

@@ -11,7 +11,7 @@ import hashlib
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,8 @@ class IngestCounts:
     added: int = 0
     updated: int = 0
     unchanged: int = 0
+    #: (stay id, reason) for each stay not stored.
+    rejected: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -130,12 +132,25 @@ class ChartStore:
         chart they were made from).
         """
         added = updated = unchanged = 0
+        rejected: list[tuple[str, str]] = []
         with self._session() as session:
             for record in stays:
                 digest = canonical_sha256(record)
                 existing = session.get(Stay, record.stay_id)
                 if existing is not None and existing.content_sha256 == digest:
                     unchanged += 1
+                    continue
+                if existing is not None and existing.patient_id != record.patient_id:
+                    # Moving a stay (and its summaries) to another patient is
+                    # how charts get mixed up: refuse it and keep the stored one.
+                    rejected.append(
+                        (
+                            record.stay_id,
+                            "stored for another patient_id; a stay never moves"
+                            " between patients (fix the source, or give the stay"
+                            " a new id)",
+                        )
+                    )
                     continue
                 _upsert_patient(session, record)
                 row = _stay_row(record, digest)
@@ -151,7 +166,15 @@ class ChartStore:
                     added += 1
                 session.flush()
                 session.add_all(_note_rows(record))
-        return IngestCounts(added, updated, unchanged)
+        return IngestCounts(added, updated, unchanged, rejected)
+
+    def stay_changed_since(self, summary: Summary) -> bool:
+        """Whether a stay summary's chart was re-ingested with other content."""
+        with self._session() as session:
+            digest = session.scalar(
+                select(Stay.content_sha256).where(Stay.id == summary.stay_id)
+            )
+        return digest is not None and digest != summary.input_sha256
 
     def stay_ids(self) -> list[str]:
         """Every stored stay id, sorted."""
@@ -523,7 +546,12 @@ class ChartStore:
             return list(session.scalars(query))
 
     def create_patient_jobs(
-        self, *, kind: str, patient_ids: Sequence[str], queue: str
+        self,
+        *,
+        kind: str,
+        patient_ids: Sequence[str],
+        queue: str,
+        origin: str | None = None,
     ) -> list[tuple[str, bool]]:
         """Create one patient-level job per patient, reusing an open one.
 
@@ -569,6 +597,7 @@ class ChartStore:
                         patient_id=patient_id,
                         state=JobState.QUEUED,
                         queue=queue,
+                        origin=origin,
                         attempts=0,
                         lost_deliveries=0,
                         generation_attempts=0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from pipelines.stays import parse_stay_lines, read_stays_file
 from tests.conftest import EXAMPLES, SHARED_DATA
@@ -109,3 +110,14 @@ def test_a_line_that_is_not_an_object_is_rejected() -> None:
     parsed = parse_stay_lines(["[1, 2]", "42"])
 
     assert [e.reason for e in parsed.errors] == ["not a JSON object"] * 2
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_stay(tmp_path: Path) -> None:
+    """Files from Windows tools often start with a UTF-8 BOM."""
+    path = tmp_path / "bom.jsonl"
+    path.write_text(stay_line("a") + "\n" + stay_line("b") + "\n", encoding="utf-8-sig")
+
+    parsed = read_stays_file(path)
+
+    assert [s.stay_id for s in parsed.stays] == ["a", "b"]
+    assert parsed.errors == []

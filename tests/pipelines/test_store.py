@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -52,6 +53,39 @@ def test_ingesting_the_same_stays_twice_changes_nothing(store: ChartStore) -> No
     assert (third.updated, third.added) == (1, 0)
     assert store.load_chart("a").reason_for_visit == "X"
     assert store.stay_ids() == ["a", "b"]
+
+
+def test_a_stay_never_moves_to_another_patient(store: ChartStore) -> None:
+    """A re-ingested stay with another patient id is refused, the stored one kept."""
+    _ingest(store, stay_line("a"))
+    moved = stay_dict("a", patient_id="someone-else", reason_for_visit="X")
+
+    counts = store.ingest(parse_stay_lines([json.dumps(moved)]).stays)
+
+    assert (counts.updated, counts.added) == (0, 0)
+    assert [stay_id for stay_id, _ in counts.rejected] == ["a"]
+    assert "another patient_id" in counts.rejected[0][1]
+    chart = store.load_chart("a")
+    assert (chart.patient_id, chart.reason_for_visit) == (
+        "t-patient-1",
+        "Acute bronchitis",
+    )
+
+
+def test_a_summary_knows_when_its_stay_changed_after_it(store: ChartStore) -> None:
+    """Re-ingesting other content marks the stay's earlier summary stale."""
+    _ingest(store, stay_line("a"))
+    [(job_id, _)] = store.create_jobs(kind="discharge", stay_ids=["a"], queue="q")
+    digest = store.load_chart("a").content_sha256
+    made = dataclasses.replace(_summary(job_id), input_sha256=digest)
+    store.complete_job(made)
+    found = store.find_summary("a")
+    assert found is not None
+    assert not store.stay_changed_since(found[0])
+
+    _ingest(store, json.dumps(stay_dict("a", reason_for_visit="X")))
+
+    assert store.stay_changed_since(found[0])
 
 
 def test_a_chart_keeps_note_order_ids_and_text(store: ChartStore) -> None:

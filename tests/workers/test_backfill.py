@@ -207,3 +207,51 @@ def test_a_job_that_keeps_losing_its_worker_is_set_aside(
     assert job is not None
     assert [claim is not None for claim in claims] == [True, True, True, False]
     assert (job.state, job.error_code) == ("failed", "too_many_lost_deliveries")
+
+
+def test_a_longitudinal_backfill_queues_one_job_per_patient_once(
+    pg_store: ChartStore,
+) -> None:
+    """Patients with a stay in the window get one patient job; reruns add none."""
+    in_window = "2020-06-01T00:00:00+00:00"
+    lines = [
+        json.dumps(stay_dict(f"p1-{n}", patient_id="p1", discharge_time=in_window))
+        for n in range(3)
+    ]
+    lines.append(
+        json.dumps(stay_dict("p2-0", patient_id="p2", discharge_time=in_window))
+    )
+    lines.append(
+        json.dumps(
+            stay_dict(
+                "p3-0", patient_id="p3", discharge_time="2019-01-01T00:00:00+00:00"
+            )
+        )
+    )
+    pg_store.ingest(parse_stay_lines(lines).stays)
+    request = BackfillRequest(
+        since=WINDOW.since, until=WINDOW.until, kind="longitudinal", missing_only=True
+    )
+    sent: list[str] = []
+
+    counts = run_backfill(
+        pg_store, request, send=lambda job_id, _q: sent.append(job_id), queue="q"
+    )
+
+    jobs = [pg_store.get_job(job_id) for job_id in sent]
+    assert (counts.queued, counts.skipped, counts.failed) == (2, 0, 0)
+    assert sorted(j.patient_id for j in jobs if j is not None) == ["p1", "p2"]
+    assert all(j is not None and j.stay_id is None for j in jobs)
+    assert backfill_module.count_backfill_stays(pg_store, request) == 2
+
+    again = BackfillRequest(
+        since=WINDOW.since,
+        until=WINDOW.until,
+        kind="longitudinal",
+        missing_only=True,
+        model_changed_from="x" * 64,
+    )
+    rerun = run_backfill(
+        pg_store, again, send=lambda job_id, _q: sent.append(job_id), queue="q"
+    )
+    assert (rerun.queued, rerun.skipped) == (0, 2)
