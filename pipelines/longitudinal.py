@@ -32,7 +32,12 @@ from pipelines.engine import Engine
 from pipelines.errors import CompletionInvalidError
 from pipelines.retrieval import Embedder
 from pipelines.stays import Chart
-from pipelines.support import SummarySupport, Vocabulary, check_statement
+from pipelines.support import (
+    SummarySupport,
+    Vocabulary,
+    check_statement,
+    evidence_text,
+)
 from pipelines.tokens import TokenCounter
 from schemas.longitudinal import LongitudinalSummary
 from schemas.settings import PipelineSettings
@@ -261,7 +266,7 @@ def check_longitudinal(
     summary: LongitudinalSummary, *, charts: Sequence[Chart]
 ) -> SummarySupport:
     """Check each item against the text of the notes it cites."""
-    note_texts = {n.note_id: n.text for chart in charts for n in chart.notes}
+    note_texts = {n.note_id: evidence_text(n) for chart in charts for n in chart.notes}
     vocabularies = [Vocabulary.from_chart(chart) for chart in charts]
     vocabulary = Vocabulary(
         frozenset().union(*(v.medications for v in vocabularies)),

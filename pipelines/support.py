@@ -44,7 +44,7 @@ from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-from pipelines.stays import Chart
+from pipelines.stays import Chart, ChartNote
 from schemas.summary import DischargeSummary, Statement
 
 FactKind = Literal["dose", "date", "number", "medication", "diagnosis"]
@@ -298,6 +298,15 @@ def check_statement(
     )
 
 
+def evidence_text(note: ChartNote) -> str:
+    """What a statement citing this note may rest on: its text, and the date
+    it was charted (the prompt shows that date in the note's header).
+    """
+    if note.charted_at is None:
+        return note.text
+    return f"{note.charted_at:%Y-%m-%d}\n{note.text}"
+
+
 def check_summary(
     summary: DischargeSummary,
     *,
@@ -312,7 +321,7 @@ def check_summary(
         vocabulary: Names to look for; by default from the chart's record.
     """
     vocabulary = vocabulary or Vocabulary.from_chart(chart)
-    note_texts = {note.note_id: note.text for note in chart.notes}
+    note_texts = {note.note_id: evidence_text(note) for note in chart.notes}
     return SummarySupport(
         [
             check_statement(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -206,3 +208,33 @@ def test_fact_extraction_never_fails_on_any_text(text: str) -> None:
     for fact in extract_facts(text):
         if fact.kind in ("dose", "date", "number"):
             assert fact.text in text
+
+
+def test_a_date_from_the_note_header_supports_a_statement() -> None:
+    """The prompt shows each note's charted date, so a statement may use it."""
+    note = ChartNote(
+        "n1", "Progress note", datetime(2024, 3, 12, 9, tzinfo=UTC), "Cough improved."
+    )
+    chart = Chart(
+        stay_id="s",
+        patient_id="p",
+        content_sha256="0" * 64,
+        encounter_class="inpatient",
+        reason_for_visit=None,
+        admit_time=None,
+        discharge_time=None,
+        record={},
+        notes=(note,),
+    )
+    summary = DischargeSummary.model_validate(
+        {
+            "hospital_course": [
+                {"text": "Cough improved on 2024-03-12.", "note_ids": ["n1"]},
+                {"text": "Cough improved on 2024-03-19.", "note_ids": ["n1"]},
+            ]
+        }
+    )
+
+    support = check_summary(summary, chart=chart)
+
+    assert [s.supported for s in support.statements] == [True, False]
