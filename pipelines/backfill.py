@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any
 
 import structlog
 from sqlalchemy import and_, exists, func, or_, select
@@ -182,32 +183,11 @@ def _next_page(
     store: ChartStore, request: BackfillRequest, *, after: str | None
 ) -> list[tuple[str, bool]]:
     """The next stays in id order, each with whether the request wants it."""
-    open_job = exists().where(
-        Job.stay_id == Stay.id,
-        Job.kind == request.kind,
-        Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
-        # Queued jobs of this very backfill may still need their message.
-        ~((Job.origin == request.backfill_id) & (Job.state == JobState.QUEUED)),
+    wanted = _wanted(
+        request,
+        job_of=Job.stay_id == Stay.id,
+        summary_of=Summary.stay_id == Stay.id,
     )
-    done = exists().where(
-        Summary.stay_id == Stay.id,
-        Summary.kind == request.kind,
-    )
-    wanted = ~open_job
-    reasons = []
-    if request.missing_only:
-        reasons.append(~done)
-    if request.model_changed_from is not None:
-        newest = (
-            select(Summary.model_fingerprint)
-            .where(Summary.stay_id == Stay.id, Summary.kind == request.kind)
-            .order_by(Summary.created_at.desc(), Summary.id.desc())
-            .limit(1)
-            .scalar_subquery()
-        )
-        reasons.append(done & (newest != request.model_changed_from))
-    if reasons:
-        wanted = wanted & or_(*reasons)
     query = (
         select(Stay.id, wanted)
         .where(_in_window(request))
@@ -231,35 +211,44 @@ def _next_patient_page(
         patients = patients.where(Stay.patient_id > after)
     page = patients.order_by(Stay.patient_id).limit(PAGE_SIZE).subquery()
     patient_id = page.c.patient_id
+    wanted = _wanted(
+        request,
+        job_of=(Job.patient_id == patient_id) & Job.stay_id.is_(None),
+        summary_of=Summary.patient_id == patient_id,
+    )
+    query = select(patient_id, wanted).order_by(patient_id)
+    with store.session() as session:
+        return [(key, bool(flag)) for key, flag in session.execute(query)]
+
+
+def _wanted(request: BackfillRequest, *, job_of: Any, summary_of: Any) -> Any:
+    """Whether the request wants a new job for a stay or patient.
+
+    ``job_of`` and ``summary_of`` tie a job and a summary row to the stay or
+    patient being selected. Never when a job of its own is still open (a
+    queued job of this very backfill may still need its message); then, if
+    asked, only without a summary or with one by another model.
+    """
     open_job = exists().where(
-        Job.patient_id == patient_id,
-        Job.stay_id.is_(None),
+        job_of,
         Job.kind == request.kind,
         Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
         ~((Job.origin == request.backfill_id) & (Job.state == JobState.QUEUED)),
     )
-    done = exists().where(
-        Summary.patient_id == patient_id,
-        Summary.kind == request.kind,
-    )
-    wanted = ~open_job
+    done = exists().where(summary_of, Summary.kind == request.kind)
     reasons = []
     if request.missing_only:
         reasons.append(~done)
     if request.model_changed_from is not None:
         newest = (
             select(Summary.model_fingerprint)
-            .where(Summary.patient_id == patient_id, Summary.kind == request.kind)
+            .where(summary_of, Summary.kind == request.kind)
             .order_by(Summary.created_at.desc(), Summary.id.desc())
             .limit(1)
             .scalar_subquery()
         )
         reasons.append(done & (newest != request.model_changed_from))
-    if reasons:
-        wanted = wanted & or_(*reasons)
-    query = select(patient_id, wanted).order_by(patient_id)
-    with store.session() as session:
-        return [(key, bool(flag)) for key, flag in session.execute(query)]
+    return ~open_job & or_(*reasons) if reasons else ~open_job
 
 
 def _open_backfill(store: ChartStore, request: BackfillRequest) -> Backfill:
