@@ -358,10 +358,10 @@ def show(ctx: click.Context, key: str, as_json: bool) -> None:
     store = open_store(_settings(ctx))
     found = store.find_summary(key) or store.find_patient_summary(key)
     if found is None:
-        job = store.get_job(key)
+        job = store.get_job(key) or store.newest_job_of(key)
         if job is not None:
             raise click.ClickException(
-                f"job {key} has no summary: {job.state}"
+                f"no summary yet: job {job.id} is {job.state}"
                 + (f" ({job.error})" if job.error else "")
             )
         raise click.ClickException(f"no summary for stay, patient or job {key}")

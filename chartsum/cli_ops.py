@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import sys
+import textwrap
 from datetime import UTC, datetime
 from typing import Any
 
@@ -157,15 +158,18 @@ def status(ctx: click.Context) -> None:
         states.add_row(state, str(count))
     console.print(states)
     failures = Table(title="recent failures")
-    for column in ("job", "stay", "state", "code", "reason"):
-        failures.add_column(column)
+    # Ids in full (they are what `chartsum show` takes); long reasons end at
+    # a word, with the whole text on the job (`chartsum show JOB_ID`).
+    failures.add_column("job", no_wrap=True, min_width=36)
+    for column in ("stay", "state", "code", "reason"):
+        failures.add_column(column, overflow="fold")
     for job in recent_failures(store):
         failures.add_row(
-            job.job_id[:8],
+            job.job_id,
             job.stay_id or "-",
             job.state,
             job.error_code or "-",
-            (job.error or "")[:100],
+            textwrap.shorten(job.error or "", width=160, placeholder=" ..."),
         )
     console.print(failures)
     console.print(f"engine: {_engine_health(settings)}")

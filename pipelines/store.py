@@ -493,6 +493,19 @@ class ChartStore:
         with self._session() as session:
             return session.get(Job, job_id)
 
+    def newest_job_of(self, key: str) -> Job | None:
+        """The newest job of a stay id, or of a patient id (patient-level)."""
+        with self._session() as session:
+            return session.scalars(
+                select(Job)
+                .where(
+                    (Job.stay_id == key)
+                    | ((Job.patient_id == key) & Job.stay_id.is_(None))
+                )
+                .order_by(Job.created_at.desc(), Job.id.desc())
+                .limit(1)
+            ).first()
+
     def jobs_by_id(self, job_ids: Sequence[str]) -> list[Job]:
         """Several job rows, in no particular order."""
         with self._session() as session:

@@ -79,3 +79,58 @@ def test_ingest_reports_a_stay_moved_to_another_patient(
     assert result.exit_code == 1
     assert "stay a: stored for another patient_id" in result.output
     assert "0 updated, 0 unchanged, 1 rejected" in result.output
+
+
+def test_show_names_the_job_of_a_stay_that_has_no_summary_yet(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """'no summary' alone left an operator guessing; the job and state say why."""
+    from pipelines.runtime import open_store
+    from schemas.settings import Settings
+
+    stays = tmp_path / "stays.jsonl"
+    stays.write_text(stay_line("a") + "\n", encoding="utf-8")
+    runner = CliRunner()
+    runner.invoke(cli, ["ingest", str(stays)], env=env)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        store = open_store(Settings())
+        [(job_id, _)] = store.create_jobs(kind="discharge", stay_ids=["a"], queue="q")
+        store.close()
+
+    result = runner.invoke(cli, ["show", "a"], env=env)
+
+    assert result.exit_code == 1
+    assert f"job {job_id} is queued" in result.output
+
+
+def test_status_lists_failures_with_full_job_ids_and_whole_words(
+    env: dict[str, str], tmp_path: Path, redis_url: str
+) -> None:
+    """An operator can paste the job id into `chartsum show`."""
+    from pipelines.runtime import open_store
+    from schemas.settings import Settings
+    from schemas.tables import JobState
+
+    env |= {"CHARTSUM_REDIS__URL": redis_url}
+    stays = tmp_path / "stays.jsonl"
+    stays.write_text(stay_line("a") + "\n", encoding="utf-8")
+    runner = CliRunner()
+    runner.invoke(cli, ["ingest", str(stays)], env=env)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        store = open_store(Settings())
+        [(job_id, _)] = store.create_jobs(kind="discharge", stay_ids=["a"], queue="q")
+        reason = " ".join(["unsupported"] * 40)
+        store.fail_job(job_id, state=JobState.FAILED, error_code="x", error=reason)
+        store.close()
+
+    result = CliRunner().invoke(cli, ["status"], env=env, terminal_width=200)
+
+    assert result.exit_code == 0
+    assert job_id in result.output
+    # Shortened at a word, marked, never cut mid-word.
+    assert "..." in result.output
+    assert result.output.count("unsupp") == result.output.count("unsupported") < 40
