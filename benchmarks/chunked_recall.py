@@ -27,7 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.chunked import shared_embedder, summarize_chart_chunked
+from pipelines.chunked import (
+    chart_section_prompts,
+    shared_embedder,
+    summarize_chart_chunked,
+)
 from pipelines.engine import CompletionRequest, InProcessEngine
 from pipelines.errors import ChartsumError
 from pipelines.prompts import build_discharge_prompt
@@ -184,46 +188,18 @@ def fact_in_section_prompts(
     The chunked route's own chunking, dedupe, retrieval and prompt packing,
     stopped before generation: whether the fact can reach the model at all.
     """
-    from pipelines.chunked import (
-        DISCHARGE_SECTIONS,
-        _chart_sources,
-        build_section_prompt,
-        retrieve_sources,
-        stay_preamble,
-    )
-
-    pipeline = settings.pipeline
-    preamble = stay_preamble(trial.chart)
-    sources = _chart_sources(
+    prompts = chart_section_prompts(
         trial.chart,
         counter=counter,
-        specs=DISCHARGE_SECTIONS,
-        preamble=preamble,
-        context_tokens=context_tokens,
-        completion_tokens=pipeline.chunk_completion_tokens,
-    )
-    ranked = retrieve_sources(
-        sources,
-        DISCHARGE_SECTIONS,
         embedder=shared_embedder(),
-        top_k=pipeline.chunk_top_k,
+        context_tokens=context_tokens,
+        settings=settings.pipeline,
     )
-    found = []
-    for spec in DISCHARGE_SECTIONS:
-        prompt = build_section_prompt(
-            spec,
-            ranked[spec.name],
-            preamble=preamble,
-            counter=counter,
-            context_tokens=context_tokens,
-            completion_tokens=pipeline.chunk_completion_tokens,
-        )
-        if prompt is None:
-            continue
-        user = " ".join(m["content"] for m in prompt.prompt.messages)
-        if fact_text in user:
-            found.append(spec.name)
-    return found
+    return [
+        prompt.spec.name
+        for prompt in prompts
+        if any(fact_text in m["content"] for m in prompt.prompt.messages)
+    ]
 
 
 def main() -> None:

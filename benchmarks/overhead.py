@@ -28,8 +28,8 @@ from pipelines.summarize import Summarizer
 from pipelines.tokens import TokenCounter
 from schemas.settings import LoggingSettings, Settings
 from schemas.tables import Job, Note, Stay
-from workers.constants import QUEUE_BACKFILL, TASK_SUMMARIZE
-from workers.enqueue import enqueue_backfill, enqueue_stays
+from workers.constants import QUEUE_BACKFILL
+from workers.enqueue import backfill_sender, enqueue_backfill, enqueue_stays
 
 
 @dataclass
@@ -150,7 +150,7 @@ def measure_enqueue(
     _clear_backfill(store, app)
     rates.append(_timed_enqueue("enqueue_backfill", store, app, stay_ids))
     _clear_backfill(store, app)
-    rates.append(_timed_run_backfill(store, app, jobs=len(stay_ids)))
+    rates.append(_timed_run_backfill(store, app))
     _clear_backfill(store, app)
     with store.engine.begin() as conn:
         conn.execute(delete(Note).where(Note.stay_id.like(f"{prefix}%")))
@@ -167,7 +167,7 @@ def _timed_enqueue(
     return EnqueueRate(path, len(stay_ids), time.perf_counter() - started)
 
 
-def _timed_run_backfill(store: ChartStore, app: Celery, *, jobs: int) -> EnqueueRate:
+def _timed_run_backfill(store: ChartStore, app: Celery) -> EnqueueRate:
     """``chartsum backfill``'s own path: pages of stays, rows, one send each."""
     from datetime import UTC, datetime
 
@@ -180,9 +180,7 @@ def _timed_run_backfill(store: ChartStore, app: Celery, *, jobs: int) -> Enqueue
     counts = run_backfill(
         store,
         request,
-        send=lambda job_id, queue: app.send_task(
-            TASK_SUMMARIZE, args=[job_id], queue=queue, ignore_result=True
-        ),
+        send=backfill_sender(app),
         queue=QUEUE_BACKFILL,
     )
     wall_s = time.perf_counter() - started

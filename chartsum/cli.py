@@ -102,11 +102,7 @@ def ingest(ctx: click.Context, path: Path) -> None:
             " are already stored as stays; kept as they are"
         )
     counts = store.ingest(stays)
-    for error in parsed.errors:
-        click.echo(f"error: {path.name} {error}", err=True)
-    for stay_id, reason in counts.rejected:
-        click.echo(f"error: {path.name} stay {stay_id}: {reason}", err=True)
-    rejected = len(parsed.errors) + len(counts.rejected)
+    rejected = _report_bad_lines(path, parsed) + _report_refused(path, counts)
     click.echo(
         f"stays: {counts.added} added, {counts.updated} updated,"
         f" {counts.unchanged} unchanged, {rejected} rejected"
@@ -268,14 +264,12 @@ def run(ctx: click.Context, path: Path | None, limit: int | None, kind: str) -> 
     settings = _settings(ctx)
     path = path or next(iter_example_paths())
     parsed = read_stays_file(path)
-    for error in parsed.errors:
-        click.echo(f"error: {path.name} {error}", err=True)
+    _report_bad_lines(path, parsed)
     stays = parsed.stays[:limit] if limit else parsed.stays
     summarizer = build_summarizer(settings)
     try:
         counts = summarizer.store.ingest(stays)
-        for stay_id, reason in counts.rejected:
-            click.echo(f"error: {path.name} stay {stay_id}: {reason}", err=True)
+        rejected = len(parsed.errors) + _report_refused(path, counts)
         refused = {stay_id for stay_id, _ in counts.rejected}
         stays = [s for s in stays if s.stay_id not in refused]
         if kind == "longitudinal":
@@ -295,10 +289,23 @@ def run(ctx: click.Context, path: Path | None, limit: int | None, kind: str) -> 
     _print_outcomes(outcomes, summarizer.store, elapsed_s)
     click.echo(f"summaries are in {_safe_url(settings.database_url)}")
     click.echo("read one with: chartsum show STAY_OR_PATIENT_ID")
-    rejected = len(parsed.errors) + len(counts.rejected)
     if rejected:
         click.echo(f"{rejected} stay line(s) rejected (listed above)", err=True)
         sys.exit(1)
+
+
+def _report_bad_lines(path: Path, parsed: Any) -> int:
+    """Print each line the file's parse rejected; return how many."""
+    for error in parsed.errors:
+        click.echo(f"error: {path.name} {error}", err=True)
+    return len(parsed.errors)
+
+
+def _report_refused(path: Path, counts: Any) -> int:
+    """Print each stay the store refused to ingest; return how many."""
+    for stay_id, reason in counts.rejected:
+        click.echo(f"error: {path.name} stay {stay_id}: {reason}", err=True)
+    return len(counts.rejected)
 
 
 def _run_jobs(summarizer: Any, job_ids: list[str], settings: Settings) -> list[Any]:

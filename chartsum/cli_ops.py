@@ -70,7 +70,8 @@ def backfill(
     from pipelines.model import model_fingerprint
     from pipelines.runtime import open_store
     from workers.app import create_app
-    from workers.constants import QUEUE_BACKFILL, TASK_SUMMARIZE
+    from workers.constants import QUEUE_BACKFILL
+    from workers.enqueue import backfill_sender
 
     settings = _settings(ctx)
     start, end = _parse_date(since), _parse_date(until)
@@ -89,11 +90,6 @@ def backfill(
     app = create_app(settings)
     total = count_backfill_stays(store, request)
 
-    def send(job_id: str, queue: str) -> None:
-        # No task result: the job row records the outcome, and a result per
-        # task would subscribe this process to a Redis channel per job.
-        app.send_task(TASK_SUMMARIZE, args=[job_id], queue=queue, ignore_result=True)
-
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -109,7 +105,7 @@ def backfill(
         counts = run_backfill(
             store,
             request,
-            send=send,
+            send=backfill_sender(app),
             queue=QUEUE_BACKFILL,
             rate_limit_per_s=(
                 settings.operations.backfill_rate_limit_per_s if rate is None else rate

@@ -515,6 +515,42 @@ def summarize_chart_chunked(
             small chunk with the prompt and completion budget.
         CompletionInvalidError: Hospital course never validated.
     """
+    prompts = chart_section_prompts(
+        chart,
+        counter=counter,
+        embedder=embedder,
+        context_tokens=context_tokens,
+        settings=settings,
+        specs=specs,
+    )
+    results, totals = generate_sections(
+        engine,
+        prompts,
+        settings=settings,
+        seed=seed,
+        request_prefix=request_prefix,
+        on_round=on_round,
+    )
+    summary, failed = assemble_discharge(results, specs=specs, chart=chart)
+    return ChunkedSummary(summary, failed, totals)
+
+
+def chart_section_prompts(
+    chart: Chart,
+    *,
+    counter: TokenCounter,
+    embedder: Embedder | None,
+    context_tokens: int,
+    settings: PipelineSettings,
+    specs: Sequence[SectionSpec] = DISCHARGE_SECTIONS,
+) -> list[SectionPrompt]:
+    """The chunked route up to generation: one request per section that has
+    sources, each quoting its retrieved chunks and fitting the context.
+
+    Raises:
+        NeedsChunkedRouteError: The effective context cannot hold even a
+            small chunk with the prompt and completion budget.
+    """
     preamble = stay_preamble(chart)
     sources = _chart_sources(
         chart,
@@ -527,7 +563,7 @@ def summarize_chart_chunked(
     ranked = retrieve_sources(
         sources, specs, embedder=embedder, top_k=settings.chunk_top_k
     )
-    prompts = [
+    return [
         prompt
         for spec in specs
         if (
@@ -542,16 +578,6 @@ def summarize_chart_chunked(
         )
         is not None
     ]
-    results, totals = generate_sections(
-        engine,
-        prompts,
-        settings=settings,
-        seed=seed,
-        request_prefix=request_prefix,
-        on_round=on_round,
-    )
-    summary, failed = assemble_discharge(results, specs=specs, chart=chart)
-    return ChunkedSummary(summary, failed, totals)
 
 
 def assemble_discharge(

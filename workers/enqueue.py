@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +125,19 @@ def enqueue_backfill(
         created=sum(1 for job in sent if job.created),
     )
     return sent
+
+
+def backfill_sender(app: Celery) -> Callable[[str, str], None]:
+    """How ``run_backfill`` sends each job: its task, without a task result.
+
+    The job row records the outcome; a result per task would subscribe the
+    sending process to one Redis channel per job.
+    """
+
+    def send(job_id: str, queue: str) -> None:
+        app.send_task(TASK_SUMMARIZE, args=[job_id], queue=queue, ignore_result=True)
+
+    return send
 
 
 def _publish_batch(producer: Any, *, max_size: int) -> AbstractContextManager[Any]:

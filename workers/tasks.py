@@ -50,9 +50,10 @@ def _shut_down_for_dead_engine() -> None:
     flight end (and retry elsewhere), nothing new is taken, and ``chartsum
     worker`` exits with EXIT_ENGINE_DEAD so its supervisor restarts it.
     """
-    if _engine_died.is_set():
-        return
-    _engine_died.set()
+    with _lock:  # several job threads may see the death at once
+        if _engine_died.is_set():
+            return
+        _engine_died.set()
     log.critical("engine_dead_worker_shutting_down")
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -134,6 +135,7 @@ def register(app: Celery) -> None:
         from pipelines.model import model_fingerprint
         from pipelines.runtime import open_store
         from pipelines.store import utcnow
+        from workers.enqueue import backfill_sender
 
         settings: Settings = self.app.conf.chartsum_settings
         today = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
@@ -148,9 +150,7 @@ def register(app: Celery) -> None:
             counts = run_backfill(
                 store,
                 request,
-                send=lambda job_id, queue: self.app.send_task(
-                    TASK_SUMMARIZE, args=[job_id], queue=queue, ignore_result=True
-                ),
+                send=backfill_sender(self.app),
                 queue=QUEUE_BACKFILL,
                 rate_limit_per_s=settings.operations.backfill_rate_limit_per_s,
             )

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from chartsum.cli import cli
 from pipelines.errors import ModelPrepareError
+from pipelines.runtime import open_store
+from pipelines.store import ChartStore
+from schemas.settings import Settings
+from schemas.tables import JobState
 from tests.helpers import stay_line
 
 
@@ -19,6 +25,22 @@ def env(tmp_path: Path) -> dict[str, str]:
         "CHARTSUM_DATA_DIR": str(tmp_path / "data"),
         "CHARTSUM_VLLM__MODEL_DIR": str(tmp_path / "no-model"),
     }
+
+
+def _ingest(env: dict[str, str], path: Path, *lines: str) -> Result:
+    """Write the stay lines to ``path`` and run `chartsum ingest` on it."""
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return CliRunner().invoke(cli, ["ingest", str(path)], env=env)
+
+
+@contextmanager
+def _store(env: dict[str, str]) -> Iterator[ChartStore]:
+    """The embedded database the commands under ``env`` use."""
+    store = open_store(Settings(data_dir=Path(env["CHARTSUM_DATA_DIR"])))
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def test_bad_settings_are_named_one_per_line_without_their_values(
@@ -52,12 +74,9 @@ def test_route_without_a_model_says_how_to_get_one(
     env: dict[str, str], tmp_path: Path
 ) -> None:
     """Not a FileNotFoundError traceback: the same message as run and worker."""
-    stays = tmp_path / "stays.jsonl"
-    stays.write_text(stay_line("a") + "\n", encoding="utf-8")
-    runner = CliRunner()
-    assert runner.invoke(cli, ["ingest", str(stays)], env=env).exit_code == 0
+    assert _ingest(env, tmp_path / "stays.jsonl", stay_line("a")).exit_code == 0
 
-    result = runner.invoke(cli, ["route", "a"], env=env)
+    result = CliRunner().invoke(cli, ["route", "a"], env=env)
 
     assert isinstance(result.exception, ModelPrepareError)
     assert "chartsum model prepare" in str(result.exception)
@@ -67,14 +86,9 @@ def test_ingest_reports_a_stay_moved_to_another_patient(
     env: dict[str, str], tmp_path: Path
 ) -> None:
     """The refused stay is listed as rejected and the exit code says so."""
-    first = tmp_path / "first.jsonl"
-    first.write_text(stay_line("a") + "\n", encoding="utf-8")
-    moved = tmp_path / "moved.jsonl"
-    moved.write_text(stay_line("a", patient_id="other") + "\n", encoding="utf-8")
-    runner = CliRunner()
-    runner.invoke(cli, ["ingest", str(first)], env=env)
+    _ingest(env, tmp_path / "first.jsonl", stay_line("a"))
 
-    result = runner.invoke(cli, ["ingest", str(moved)], env=env)
+    result = _ingest(env, tmp_path / "moved.jsonl", stay_line("a", patient_id="other"))
 
     assert result.exit_code == 1
     assert "stay a: stored for another patient_id" in result.output
@@ -85,21 +99,11 @@ def test_show_names_the_job_of_a_stay_that_has_no_summary_yet(
     env: dict[str, str], tmp_path: Path
 ) -> None:
     """'no summary' alone left an operator guessing; the job and state say why."""
-    from pipelines.runtime import open_store
-    from schemas.settings import Settings
-
-    stays = tmp_path / "stays.jsonl"
-    stays.write_text(stay_line("a") + "\n", encoding="utf-8")
-    runner = CliRunner()
-    runner.invoke(cli, ["ingest", str(stays)], env=env)
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        store = open_store(Settings())
+    _ingest(env, tmp_path / "stays.jsonl", stay_line("a"))
+    with _store(env) as store:
         [(job_id, _)] = store.create_jobs(kind="discharge", stay_ids=["a"], queue="q")
-        store.close()
 
-    result = runner.invoke(cli, ["show", "a"], env=env)
+    result = CliRunner().invoke(cli, ["show", "a"], env=env)
 
     assert result.exit_code == 1
     assert f"job {job_id} is queued" in result.output
@@ -109,23 +113,12 @@ def test_status_lists_failures_with_full_job_ids_and_whole_words(
     env: dict[str, str], tmp_path: Path, redis_url: str
 ) -> None:
     """An operator can paste the job id into `chartsum show`."""
-    from pipelines.runtime import open_store
-    from schemas.settings import Settings
-    from schemas.tables import JobState
-
     env |= {"CHARTSUM_REDIS__URL": redis_url}
-    stays = tmp_path / "stays.jsonl"
-    stays.write_text(stay_line("a") + "\n", encoding="utf-8")
-    runner = CliRunner()
-    runner.invoke(cli, ["ingest", str(stays)], env=env)
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        store = open_store(Settings())
+    _ingest(env, tmp_path / "stays.jsonl", stay_line("a"))
+    with _store(env) as store:
         [(job_id, _)] = store.create_jobs(kind="discharge", stay_ids=["a"], queue="q")
         reason = " ".join(["unsupported"] * 40)
         store.fail_job(job_id, state=JobState.FAILED, error_code="x", error=reason)
-        store.close()
 
     result = CliRunner().invoke(cli, ["status"], env=env, terminal_width=200)
 
