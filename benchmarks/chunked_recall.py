@@ -210,6 +210,11 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--routes", default="single_pass,chunked")
     parser.add_argument(
+        "--sources-per-request",
+        default="1",
+        help="Chunked route: excerpts per request, one run per value (1,4).",
+    )
+    parser.add_argument(
         "--prompts-only",
         action="store_true",
         help="Only check whether the fact reaches a section prompt; no engine.",
@@ -252,41 +257,59 @@ def main() -> None:
     if args.prompts_only:
         return
     engine = InProcessEngine(model_dir=settings.model_dir, settings=settings.vllm)
-
-    def run(route: str) -> tuple[str, list[tuple[bool, bool]], int]:
-        started = time.perf_counter()
-        if route == "single_pass":
-            results = single_pass(trials, engine, counter, settings)
-        else:
-            results = chunked(trials, engine, counter, settings, args.context)
-        return route, results, round(time.perf_counter() - started)
-
-    # Both routes at once on one engine: it batches all their requests.
+    # One route at a time, so each one's wall time is its own and a long
+    # single-pass request never waits behind hundreds of short ones.
     try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            runs = list(pool.map(run, args.routes.split(",")))
+        for route in args.routes.split(","):
+            for per_request in _route_variants(route, args.sources_per_request):
+                started = time.perf_counter()
+                if route == "single_pass":
+                    results = single_pass(trials, engine, counter, settings)
+                else:
+                    pipeline = settings.pipeline.model_copy(
+                        update={"chunk_sources_per_request": per_request}
+                    )
+                    results = chunked(
+                        trials,
+                        engine,
+                        counter,
+                        settings.model_copy(update={"pipeline": pipeline}),
+                        args.context,
+                    )
+                elapsed_s = round(time.perf_counter() - started)
+                _print_recall(route, per_request, trials, results, elapsed_s)
     finally:
         engine.close()
-    for route, results, elapsed_s in runs:
-        for length in args.lengths.split(","):
-            rows = [
-                r
-                for t, r in zip(trials, results, strict=True)
-                if t.length_tokens == int(length)
-            ]
-            print(
-                json.dumps(
-                    {
-                        "route": route,
-                        "length_tokens": int(length),
-                        "trials": len(rows),
-                        "recalled": sum(r[0] for r in rows),
-                        "valid": sum(r[1] for r in rows),
-                        "route_wall_s": elapsed_s,
-                    }
-                ),
-                flush=True,
-            )
+
+
+def _route_variants(route: str, per_request: str) -> list[int | None]:
+    if route == "single_pass":
+        return [None]
+    return [int(n) for n in per_request.split(",")]
+
+
+def _print_recall(
+    route: str,
+    per_request: int | None,
+    trials: list[Trial],
+    results: list[tuple[bool, bool]],
+    elapsed_s: int,
+) -> None:
+    for length in dict.fromkeys(t.length_tokens for t in trials):
+        rows = [
+            r for t, r in zip(trials, results, strict=True) if t.length_tokens == length
+        ]
+        line = {
+            "route": route,
+            "length_tokens": length,
+            "trials": len(rows),
+            "recalled": sum(r[0] for r in rows),
+            "valid": sum(r[1] for r in rows),
+            "route_wall_s": elapsed_s,
+        }
+        if per_request is not None:
+            line["sources_per_request"] = per_request
+        print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

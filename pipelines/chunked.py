@@ -2,19 +2,25 @@
 
 A chart is cut into chunks at note and heading boundaries (``chunking``),
 repeated chunks collapse into one that remembers every note it appeared in
-(``dedupe``), and each summary section gets its own request holding the
-chunks retrieved for it (``retrieval``, BM25 and MiniLM fused). Citations
-in a request are narrowed to the notes its chunks come from. Every request
-is measured in exact tokens and fits the effective context with its
-completion budget, or it is not sent. All requests of a job go to the
-engine at once, so it batches them. Longitudinal summaries use the same
-parts; their sources may also be stored per-stay summaries.
+(``dedupe``), and each summary section retrieves its chunks (``retrieval``,
+BM25 and MiniLM fused). The section is then written map-reduce style: each
+request quotes a few of the retrieved chunks (one by default), and the
+statements of all of a section's requests are merged, repeats dropped,
+round-robin by retrieval rank, up to the section's bound. Small models
+answer a lookup in a short excerpt far better than in a long one, which is
+what the calibration measures. Citations in a request are narrowed to the
+notes its chunks come from. Every request is measured in exact tokens and
+fits the effective context with its completion budget, or it is not sent.
+All requests of a job go to the engine at once, so it batches them.
+Longitudinal summaries use the same parts; their sources may also be stored
+per-stay summaries.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -53,6 +59,8 @@ CHUNKS_PER_REQUEST = 4
 HEADER_TOKENS = 40
 #: Sections shorter than this many tokens join the next (see chunk_notes).
 MIN_SECTION_TOKENS = 48
+#: Most statements one section request may write.
+REQUEST_ITEMS = 3
 
 SECTION_SYSTEM_PROMPT = """\
 You write one section of a summary of hospital records for clinicians.
@@ -63,6 +71,7 @@ Write [] when the excerpts say nothing for this section.
 Answer with JSON only."""
 
 _STATEMENTS = TypeAdapter(list[Statement])
+_WORD = re.compile(r"\w+")
 _STATEMENT_SCHEMA = Statement.model_json_schema()
 
 
@@ -73,7 +82,10 @@ class SectionSpec:
     name: str
     query: str
     instruction: str
+    #: Most statements one request may write.
     max_items: int
+    #: Most statements the merged section keeps (the schema's bound).
+    max_section_items: int
     required: bool = False
 
 
@@ -112,12 +124,17 @@ class Source:
 
 @dataclass(frozen=True)
 class SectionPrompt:
-    """One section's request: the prompt, its sources and its schema."""
+    """One request of a section: the prompt, its sources and its schema.
+
+    A section has one request per group of retrieved sources; ``part``
+    numbers them in retrieval order, best first.
+    """
 
     spec: SectionSpec
     prompt: Prompt
     sources: tuple[Source, ...]
     json_schema: dict[str, Any]
+    part: int = 0
 
 
 @dataclass(frozen=True)
@@ -151,11 +168,9 @@ class ChunkedSummary:
     totals: GenerationTotals
 
 
-def _max_items(name: str) -> int:
+def _section_bound(name: str) -> int:
     info = DischargeSummary.model_fields[name]
-    bounds = [m.max_length for m in info.metadata if hasattr(m, "max_length")]
-    # A chunked request's completion budget is small, so lists are shorter.
-    return int(min([3, *bounds]))
+    return int(min(m.max_length for m in info.metadata if hasattr(m, "max_length")))
 
 
 #: The discharge sections, with bounds no larger than DischargeSummary's.
@@ -164,7 +179,9 @@ DISCHARGE_SECTIONS: tuple[SectionSpec, ...] = tuple(
         name=name,
         query=SECTION_QUERIES[name],
         instruction=str(info.description),
-        max_items=_max_items(name),
+        # A request's completion budget is small, so its list is shorter.
+        max_items=min(REQUEST_ITEMS, _section_bound(name)),
+        max_section_items=_section_bound(name),
         required=name == "hospital_course",
     )
     for name, info in DischargeSummary.model_fields.items()
@@ -301,6 +318,55 @@ def retrieve_sources(
     }
 
 
+def build_section_prompts(
+    spec: SectionSpec,
+    ranked: Sequence[Source],
+    *,
+    preamble: str,
+    counter: TokenCounter,
+    context_tokens: int,
+    completion_tokens: int,
+    sources_per_request: int,
+    system_prompt: str = SECTION_SYSTEM_PROMPT,
+) -> list[SectionPrompt]:
+    """A section's requests: ranked sources in groups, best group first.
+
+    Each group of ``sources_per_request`` sources becomes one request
+    (``build_section_prompt``); a group none of whose sources fits is
+    dropped. No sources means no request: the section is left empty.
+
+    Raises:
+        NeedsChunkedRouteError: The prompt with no excerpts already leaves
+            no room for the completion budget.
+    """
+    prompts: list[SectionPrompt] = []
+    for start in range(0, len(ranked), sources_per_request):
+        prompt = build_section_prompt(
+            spec,
+            ranked[start : start + sources_per_request],
+            preamble=preamble,
+            counter=counter,
+            context_tokens=context_tokens,
+            completion_tokens=completion_tokens,
+            system_prompt=system_prompt,
+            part=len(prompts),
+        )
+        if prompt is not None:
+            prompts.append(prompt)
+    if not ranked:
+        # Still check that the section could be asked at all.
+        build_section_prompt(
+            spec,
+            [],
+            preamble=preamble,
+            counter=counter,
+            context_tokens=context_tokens,
+            completion_tokens=completion_tokens,
+            system_prompt=system_prompt,
+        )
+    return prompts
+
+
 def build_section_prompt(
     spec: SectionSpec,
     ranked: Sequence[Source],
@@ -310,15 +376,15 @@ def build_section_prompt(
     context_tokens: int,
     completion_tokens: int,
     system_prompt: str = SECTION_SYSTEM_PROMPT,
+    part: int = 0,
 ) -> SectionPrompt | None:
-    """The request for one section: as many ranked sources as fit, in order.
+    """One request of a section: as many ranked sources as fit, in order.
 
     Sources are taken best first while the exact prompt plus the completion
     budget stays within the effective context, then quoted in record order.
 
     Returns:
-        The request, or None when no source was given or none fits (the
-        section is then left empty without asking the model).
+        The request, or None when no source was given or none fits.
 
     Raises:
         NeedsChunkedRouteError: The prompt with no excerpts already leaves
@@ -347,7 +413,7 @@ def build_section_prompt(
         max_items=spec.max_items,
         required=spec.required,
     )
-    return SectionPrompt(spec, best, tuple(chosen), schema)
+    return SectionPrompt(spec, best, tuple(chosen), schema, part)
 
 
 def section_json_schema(
@@ -355,13 +421,20 @@ def section_json_schema(
 ) -> dict[str, Any]:
     """The schema constraining one section's answer: ``{section: [...]}``.
 
-    Citations may only name ``aliases``. ``required`` asks for at least one
-    statement.
+    Citations may only name ``aliases``, each at most once, and come before
+    the text: written after it, a small model tends to put a label where
+    the sentence belongs (``{"text": "N1", ...}``). ``required`` asks for at
+    least one statement.
     """
     statement = copy.deepcopy(_STATEMENT_SCHEMA)
     statement.pop("title", None)
     statement.pop("description", None)
-    statement["properties"]["note_ids"]["items"] = {"enum": list(aliases)}
+    properties = statement["properties"]
+    citations = properties["note_ids"]
+    citations["items"] = {"enum": list(aliases)}
+    citations["maxItems"] = max(1, min(citations["maxItems"], len(aliases)))
+    statement["properties"] = {"note_ids": citations, "text": properties["text"]}
+    statement["required"] = ["note_ids", "text"]
     array: dict[str, Any] = {"type": "array", "items": statement}
     array["maxItems"] = max_items
     if required:
@@ -383,23 +456,25 @@ def generate_sections(
     request_prefix: str,
     on_round: Callable[[], None] = lambda: None,
 ) -> tuple[dict[str, SectionResult], GenerationTotals]:
-    """Send every section request at once; retry the invalid ones together.
+    """Send every request at once, retry the invalid ones together, merge.
 
     A round sends all pending requests through ``complete_many`` (so the
-    engine batches them); a section whose answer is cut off, not JSON, or
+    engine batches them); a request whose answer is cut off, not JSON, or
     fails validation is tried again in the next round, sampling instead of
-    greedy, up to ``settings.max_generation_attempts`` rounds.
+    greedy, up to ``settings.max_generation_attempts`` rounds. A section's
+    valid requests are then merged (``merge_parts``); a section whose every
+    request failed has no statements, and the reasons of its tries.
 
     Args:
         engine: The generation engine.
-        prompts: One request per section.
+        prompts: The requests of every section.
         settings: Completion budget, attempts and repetition penalty.
         seed: Base sampling seed.
         request_prefix: Makes request ids unique (job id and delivery).
         on_round: Called before each round (to count generation attempts).
     """
     budget = settings.chunk_completion_tokens
-    results: dict[str, SectionResult] = {}
+    answers: dict[tuple[str, int], list[Statement]] = {}
     reasons: dict[str, list[str]] = {p.spec.name: [] for p in prompts}
     pending = list(prompts)
     prompt_tokens = completion_tokens = duration_ms = requests = 0
@@ -411,7 +486,7 @@ def generate_sections(
         completions = engine.complete_many(
             [
                 CompletionRequest(
-                    request_id=f"{request_prefix}-{p.spec.name}-{attempt}",
+                    request_id=f"{request_prefix}-{p.spec.name}-{p.part}-{attempt}",
                     prompt_token_ids=p.prompt.token_ids,
                     max_tokens=budget,
                     json_schema=p.json_schema,
@@ -430,26 +505,58 @@ def generate_sections(
             requests += 1
             prompt_tokens += completion.prompt_tokens
             completion_tokens += completion.completion_tokens
-            name = section_prompt.spec.name
+            name, part = section_prompt.spec.name, section_prompt.part
             if completion.finish_reason == "length":
                 statements, reason = None, f"cut off at {budget} tokens"
             else:
                 statements, reason = parse_section(section_prompt, completion.text)
             if statements is None:
-                reasons[name].append(f"attempt {attempt}: {reason}")
-                log.warning("section_invalid", section=name, generation_attempt=attempt)
+                reasons[name].append(f"part {part} attempt {attempt}: {reason}")
+                log.warning(
+                    "section_invalid",
+                    section=name,
+                    part=part,
+                    generation_attempt=attempt,
+                )
                 still_pending.append(section_prompt)
             else:
-                results[name] = SectionResult(name, statements, reasons[name])
+                answers[(name, part)] = statements
         pending = still_pending
-    for section_prompt in pending:
-        name = section_prompt.spec.name
-        results[name] = SectionResult(name, None, reasons[name])
+    results = {}
+    for spec in dict.fromkeys(p.spec for p in prompts):
+        parts = [
+            answers[(spec.name, p.part)]
+            for p in sorted(prompts, key=lambda p: p.part)
+            if p.spec == spec and (spec.name, p.part) in answers
+        ]
+        merged = merge_parts(parts, limit=spec.max_section_items) if parts else None
+        results[spec.name] = SectionResult(spec.name, merged, reasons[spec.name])
     largest = max((p.prompt.tokens for p in prompts), default=0) + budget
     totals = GenerationTotals(
         requests, prompt_tokens, completion_tokens, largest, duration_ms
     )
     return results, totals
+
+
+def merge_parts(parts: Sequence[Sequence[Statement]], *, limit: int) -> list[Statement]:
+    """One section from its requests' statements, best request first.
+
+    Takes the first statement of every part, then the second, and so on,
+    so that each retrieved excerpt gets a say before any gets two. A
+    statement whose words repeat an earlier one (case, spacing and
+    punctuation aside) is dropped. At most ``limit`` are kept.
+    """
+    merged: list[Statement] = []
+    seen: set[str] = set()
+    for rank in range(max((len(p) for p in parts), default=0)):
+        for part in parts:
+            if rank >= len(part) or len(merged) >= limit:
+                continue
+            key = " ".join(_WORD.findall(part[rank].text.lower()))
+            if key not in seen:
+                seen.add(key)
+                merged.append(part[rank])
+    return merged
 
 
 def parse_section(
@@ -544,8 +651,9 @@ def chart_section_prompts(
     settings: PipelineSettings,
     specs: Sequence[SectionSpec] = DISCHARGE_SECTIONS,
 ) -> list[SectionPrompt]:
-    """The chunked route up to generation: one request per section that has
-    sources, each quoting its retrieved chunks and fitting the context.
+    """The chunked route up to generation: the requests of every section
+    that has sources, each quoting some of its retrieved chunks and fitting
+    the context.
 
     Raises:
         NeedsChunkedRouteError: The effective context cannot hold even a
@@ -566,17 +674,15 @@ def chart_section_prompts(
     return [
         prompt
         for spec in specs
-        if (
-            prompt := build_section_prompt(
-                spec,
-                ranked[spec.name],
-                preamble=preamble,
-                counter=counter,
-                context_tokens=context_tokens,
-                completion_tokens=settings.chunk_completion_tokens,
-            )
+        for prompt in build_section_prompts(
+            spec,
+            ranked[spec.name],
+            preamble=preamble,
+            counter=counter,
+            context_tokens=context_tokens,
+            completion_tokens=settings.chunk_completion_tokens,
+            sources_per_request=settings.chunk_sources_per_request,
         )
-        is not None
     ]
 
 

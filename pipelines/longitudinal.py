@@ -4,8 +4,9 @@ A stay that already has a current discharge summary is read from that
 summary (its statements and their citations), never from its notes again;
 the other stays are read from their notes. Either way the record becomes
 sources (``chunked.Source``) that each longitudinal section retrieves from,
-and every section is one request that fits the effective context, sent
-together with the others so the engine batches them.
+and every section is written as the chunked route writes one: a request per
+group of retrieved sources, each fitting the effective context, all sent
+together so the engine batches them, their statements merged.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pipelines.chunked import (
     SectionResult,
     SectionSpec,
     Source,
-    build_section_prompt,
+    build_section_prompts,
     chunk_budget_tokens,
     generate_sections,
     note_label,
@@ -52,8 +53,9 @@ lists the notes it comes from, by the labels N1, N2, ... shown above each
 excerpt. Write [] when the excerpts say nothing for this section.
 Answer with JSON only."""
 
-#: Sections of LongitudinalSummary; a request holds at most 3 items, since
-#: its completion budget is small. Change with schemas/longitudinal.py.
+#: Sections of LongitudinalSummary; a request writes at most 3 items, since
+#: its completion budget is small, and the merged section keeps up to the
+#: schema's bound. Change with schemas/longitudinal.py.
 LONGITUDINAL_SECTIONS: tuple[SectionSpec, ...] = (
     SectionSpec(
         "problems",
@@ -61,6 +63,7 @@ LONGITUDINAL_SECTIONS: tuple[SectionSpec, ...] = (
         " chronic condition, diagnosed with, disorder",
         "Problems and diagnoses and how each evolved over time, with years.",
         max_items=3,
+        max_section_items=6,
         required=True,
     ),
     SectionSpec(
@@ -69,6 +72,7 @@ LONGITUDINAL_SECTIONS: tuple[SectionSpec, ...] = (
         " prescriptions, discharge medications",
         "Medications started, changed or stopped, with dates and doses.",
         max_items=3,
+        max_section_items=6,
     ),
     SectionSpec(
         "key_results_and_procedures",
@@ -76,6 +80,7 @@ LONGITUDINAL_SECTIONS: tuple[SectionSpec, ...] = (
         " laboratory results, chemotherapy, procedures conducted",
         "Key test results and procedures, with dates.",
         max_items=3,
+        max_section_items=6,
     ),
     SectionSpec(
         "open_issues",
@@ -83,6 +88,7 @@ LONGITUDINAL_SECTIONS: tuple[SectionSpec, ...] = (
         " referral, next visit, assessment and plan",
         "Problems still active or follow-up still due at the last stay.",
         max_items=3,
+        max_section_items=4,
     ),
 )
 #: Stays apart in ``Source.position``: sources sort by stay, then within it.
@@ -156,19 +162,20 @@ def summarize_patient(
     ranked = retrieve_sources(
         sources, specs, embedder=embedder, top_k=settings.chunk_top_k
     )
-    prompts = []
-    for spec in specs:
-        prompt = build_section_prompt(
+    prompts = [
+        prompt
+        for spec in specs
+        for prompt in build_section_prompts(
             spec,
             ranked[spec.name],
             preamble=preamble,
             counter=counter,
             context_tokens=context_tokens,
             completion_tokens=settings.chunk_completion_tokens,
+            sources_per_request=settings.chunk_sources_per_request,
             system_prompt=LONGITUDINAL_SYSTEM_PROMPT,
         )
-        if prompt is not None:
-            prompts.append(prompt)
+    ]
     results, totals = generate_sections(
         engine,
         prompts,

@@ -12,11 +12,36 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "chartsum"
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct-bf16"
+
+
+def native_dtype(
+    cpuinfo: Path = Path("/proc/cpuinfo"), devices: Path = Path("/dev")
+) -> str:
+    """The fastest safe weights dtype for an in-process engine here.
+
+    bfloat16 where a GPU is present or the CPU computes in bfloat16
+    natively; float32 on a CPU that would emulate it (AVX2-only x86, for
+    example: 3.2x the tokens/s of bfloat16 on a 2-core AMD EPYC).
+    """
+    if any(devices.glob("nvidia[0-9]*")):
+        return "bfloat16"
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "bfloat16"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.partition(":")[2].split())
+            break
+    if not flags or flags & {"avx512_bf16", "amx_bf16", "bf16"}:
+        return "bfloat16"
+    return "float32"
 
 
 class EngineMode(StrEnum):
@@ -99,7 +124,15 @@ class VllmSettings(BaseModel):
     max_num_seqs: int = Field(
         32, description="Most sequences the in-process engine batches at once."
     )
-    dtype: str = Field("bfloat16", description="Weights dtype for in-process vLLM.")
+    dtype: str = Field(
+        "auto",
+        validate_default=True,
+        description=(
+            "Weights dtype for in-process vLLM. 'auto': bfloat16 on a GPU or a"
+            " CPU with native bfloat16 (AVX512-BF16 or AMX), float32 on other"
+            " CPUs, where bfloat16 is emulated and about 3x slower."
+        ),
+    )
     cpu_threads_bind: str = Field(
         "all",
         description=(
@@ -113,6 +146,13 @@ class VllmSettings(BaseModel):
         600.0, description="Longest wait for one completion before giving up."
     )
     seed: int = Field(0, description="Sampling seed, for repeatable runs.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _resolve_auto_dtype(cls, value: str) -> str:
+        # Settled once here, so the engine, the KV-cache sizing and the
+        # benchmark's child processes all see the same concrete dtype.
+        return native_dtype() if value == "auto" else value
 
 
 class PipelineSettings(BaseModel):
@@ -143,10 +183,21 @@ class PipelineSettings(BaseModel):
         ),
     )
     chunk_top_k: int = Field(
-        8,
+        4,
+        ge=1,
         description=(
-            "Chunks retrieved per section on the chunked route; as many as"
-            " fit the effective context are quoted."
+            "Chunks retrieved per section on the chunked route and for"
+            " longitudinal summaries."
+        ),
+    )
+    chunk_sources_per_request: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Retrieved chunks quoted by one request; a section sends"
+            " chunk_top_k / this many requests and merges their statements."
+            " Small models do better on one short excerpt at a time; a model"
+            " with a long effective context can take them all at once."
         ),
     )
     min_support_rate: float = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -10,6 +11,8 @@ from pipelines.chunked import (
     DISCHARGE_SECTIONS,
     SectionResult,
     assemble_discharge,
+    merge_parts,
+    section_json_schema,
     summarize_chart_chunked,
 )
 from pipelines.errors import CompletionInvalidError, NeedsChunkedRouteError
@@ -107,10 +110,12 @@ def test_a_fact_planted_mid_stay_reaches_the_medications_request(
         request_prefix="job",
     )
 
-    [request] = [
-        r for r in engine.requests if r.request_id.endswith("discharge_medications-1")
+    medications = [
+        token_counter.decode(r.prompt_token_ids)
+        for r in engine.requests
+        if "-discharge_medications-" in r.request_id
     ]
-    assert PLANTED in token_counter.decode(request.prompt_token_ids)
+    assert any(PLANTED in prompt for prompt in medications)
 
 
 def test_copied_forward_notes_are_quoted_once(token_counter: TokenCounter) -> None:
@@ -206,3 +211,152 @@ def test_assembly_validates_citations_like_the_single_pass_route() -> None:
 def chart_tokens(chart: Chart, counter: TokenCounter) -> int:
     """Tokens of all note text of a chart."""
     return sum(counter.count(note.text) for note in chart.notes)
+
+
+def _varied_chart(notes: int = 6) -> Chart:
+    """A stay whose notes each name another drug, so nothing collapses."""
+    drugs = ["aspirin", "metoprolol", "lisinopril", "warfarin", "insulin", "heparin"]
+    chart_notes = [
+        ChartNote(
+            f"v{i}",
+            "Progress note",
+            datetime(2020, 2, 1 + i, tzinfo=UTC),
+            f"# Medications\n{drugs[i % len(drugs)].title()} {10 + i} mg daily"
+            f" was continued on day {i + 1}.\n\n# Plan\nReview on day {i + 2}"
+            f" with the {drugs[(i + 1) % len(drugs)]} level.\n\n# Hospital Course\n"
+            f"Admitted with chest pain; course stable on day {i + 1}.\n",
+        )
+        for i in range(notes)
+    ]
+    return Chart(
+        stay_id="s2",
+        patient_id="p1",
+        content_sha256="0" * 64,
+        encounter_class="inpatient",
+        reason_for_visit=None,
+        admit_time=datetime(2020, 2, 1, tzinfo=UTC),
+        discharge_time=datetime(2020, 2, 9, tzinfo=UTC),
+        record={},
+        notes=tuple(chart_notes),
+    )
+
+
+def _answer_by_part(request):  # type: ignore[no-untyped-def]
+    """One statement naming the request's section part, citing its note."""
+    section = request.json_schema["required"][0]
+    items = request.json_schema["properties"][section]["items"]
+    alias = items["properties"]["note_ids"]["items"]["enum"][0]
+    part = request.request_id.split("-")[-2]
+    return json.dumps({section: [{"note_ids": [alias], "text": f"Part {part}."}]}), (
+        "stop"
+    )
+
+
+def test_a_section_is_written_one_excerpt_per_request_and_merged(
+    token_counter: TokenCounter,
+) -> None:
+    """chunk_top_k requests per section, one note each; merged in rank order."""
+    chart = _varied_chart()
+    engine = ScriptedEngine(_answer_by_part)
+    settings = PipelineSettings(chunk_top_k=4, chunk_sources_per_request=1)
+
+    result = summarize_chart_chunked(
+        chart,
+        engine=engine,
+        counter=token_counter,
+        embedder=None,
+        context_tokens=1500,
+        settings=settings,
+        seed=0,
+        request_prefix="job",
+    )
+
+    medications = [
+        r for r in engine.requests if "-discharge_medications-" in r.request_id
+    ]
+    assert len(medications) == 4
+    for request in medications:
+        items = request.json_schema["properties"]["discharge_medications"]["items"]
+        assert len(items["properties"]["note_ids"]["items"]["enum"]) == 1
+    statements = result.summary.discharge_medications
+    assert [s.text for s in statements] == ["Part 0.", "Part 1.", "Part 2.", "Part 3."]
+    assert len({s.note_ids[0] for s in statements}) == 4
+    assert engine.batches == [len(engine.requests)]
+
+
+def test_one_failing_request_costs_only_its_own_statements(
+    token_counter: TokenCounter,
+) -> None:
+    """Part 1 of medications never validates; the other parts still count."""
+
+    def answer(request):  # type: ignore[no-untyped-def]
+        if "-discharge_medications-1-" in request.request_id:
+            return "{not json", "stop"
+        return _answer_by_part(request)
+
+    engine = ScriptedEngine(answer)
+
+    result = summarize_chart_chunked(
+        _varied_chart(),
+        engine=engine,
+        counter=token_counter,
+        embedder=None,
+        context_tokens=1500,
+        settings=PipelineSettings(chunk_top_k=3, chunk_sources_per_request=1),
+        seed=0,
+        request_prefix="job",
+    )
+
+    assert result.failed_sections == []
+    assert [s.text for s in result.summary.discharge_medications] == [
+        "Part 0.",
+        "Part 2.",
+    ]
+    assert engine.batches[1:] == [1, 1]
+
+
+def test_grouped_requests_quote_several_excerpts(token_counter: TokenCounter) -> None:
+    """chunk_sources_per_request=4 packs a section's four chunks in one request."""
+    engine = ScriptedEngine(_answer_by_part)
+
+    summarize_chart_chunked(
+        _varied_chart(),
+        engine=engine,
+        counter=token_counter,
+        embedder=None,
+        context_tokens=1500,
+        settings=PipelineSettings(chunk_top_k=4, chunk_sources_per_request=4),
+        seed=0,
+        request_prefix="job",
+    )
+
+    [request] = [
+        r for r in engine.requests if "-discharge_medications-" in r.request_id
+    ]
+    items = request.json_schema["properties"]["discharge_medications"]["items"]
+    assert len(items["properties"]["note_ids"]["items"]["enum"]) == 4
+
+
+def test_merge_takes_each_part_in_turn_drops_repeats_and_keeps_the_bound() -> None:
+    """Round-robin over parts; a repeat differing in case and punctuation goes."""
+    a1 = Statement(text="Aspirin 81 mg daily.", note_ids=["a"])
+    a2 = Statement(text="Heparin was stopped.", note_ids=["a"])
+    b1 = Statement(text="aspirin 81 mg daily", note_ids=["b"])
+    b2 = Statement(text="Warfarin 5 mg.", note_ids=["b"])
+    c1 = Statement(text="Insulin at night.", note_ids=["c"])
+
+    merged = merge_parts([[a1, a2], [b1, b2], [c1]], limit=3)
+
+    assert merged == [a1, c1, a2]
+    assert merge_parts([[a1, a2], [b1, b2], [c1]], limit=10) == [a1, c1, a2, b2]
+
+
+def test_section_schema_asks_for_citations_first_and_each_label_once() -> None:
+    """note_ids precede text; no more citations than labels."""
+    schema = section_json_schema("allergies", ["N1"], max_items=2, required=False)
+
+    statement = schema["properties"]["allergies"]["items"]
+    assert list(statement["properties"]) == ["note_ids", "text"]
+    assert statement["required"] == ["note_ids", "text"]
+    assert statement["properties"]["note_ids"]["maxItems"] == 1
+    assert schema["properties"]["allergies"]["maxItems"] == 2

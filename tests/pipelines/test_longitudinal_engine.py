@@ -104,7 +104,8 @@ def test_a_long_real_record_becomes_a_stored_longitudinal_summary(
 
     # Then every request fitted, they went out together, and a summary is stored
     assert outcome.state in (JobState.SUCCEEDED, JobState.NEEDS_REVIEW), outcome.error
-    assert engine.batches and len(engine.batches[0]) == 4
+    # One request per section and retrieved source, all in the first batch
+    assert engine.batches and 4 <= len(engine.batches[0]) <= 4 * 6
     assert all(size <= CONTEXT_TOKENS for batch in engine.batches for size in batch)
     found = sqlite_store.find_patient_summary(str(record["patient_id"]))
     assert found is not None
