@@ -4,11 +4,13 @@ Each trial builds a stay from consecutive real Synthea notes (the ctakes
 longitudinal record in ../shared/data) up to a target length, plants one
 medication fact in a note of the middle third, and summarizes the stay both
 ways: one single-pass request (the production prompt, schema and budget)
-and the chunked route (one request per section, retrieval, dedupe). A fact
+and the chunked route (retrieval, dedupe, and per section one request per
+retrieved chunk, or per group of ``--sources-per-request`` chunks). A fact
 is recalled when the planted drug's name appears in the validated summary;
 an invalid or cut-off summary counts as a miss, and is also reported.
 
-    python -m benchmarks.chunked_recall --lengths 2000,4000,6000 --trials 3
+    python -m benchmarks.chunked_recall --lengths 2000,4000,6000 --trials 3 \
+        --routes chunked,single_pass --sources-per-request 1,4
 
 It first prints, for each trial, which section requests of the chunked
 route quote the planted sentence at all (chunking, dedupe, retrieval and

@@ -546,7 +546,7 @@ def test_a_full_calibration_wins_over_a_newer_quick_one(
 def _settings_for(model_dir: Path, tmp_path: Path) -> Settings:
     return Settings(
         data_dir=tmp_path,
-        vllm=VllmSettings(model_dir=model_dir),
+        vllm=VllmSettings(model_dir=model_dir, dtype="bfloat16"),
     )
 
 
