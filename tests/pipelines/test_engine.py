@@ -20,7 +20,9 @@ def test_killing_the_engine_core_makes_every_later_call_fail_fast(
     model_dir: Path,
 ) -> None:
     """After the engine-core process dies, calls raise EngineDeadError at once."""
-    settings = VllmSettings(model_dir=model_dir, kv_cache_bytes=256 << 20)
+    # Room for one 8192-token sequence in float32 (0.35 GiB), the dtype
+    # `auto` picks on CPUs without native bfloat16.
+    settings = VllmSettings(model_dir=model_dir, kv_cache_bytes=512 << 20)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     engine = InProcessEngine(model_dir=model_dir, settings=settings)
     try:
