@@ -319,85 +319,64 @@ def retrieve_sources(
 
 
 def build_section_prompts(
-    spec: SectionSpec,
-    ranked: Sequence[Source],
+    specs: Sequence[SectionSpec],
+    ranked: Mapping[str, Sequence[Source]],
     *,
     preamble: str,
     counter: TokenCounter,
     context_tokens: int,
-    completion_tokens: int,
-    sources_per_request: int,
+    settings: PipelineSettings,
     system_prompt: str = SECTION_SYSTEM_PROMPT,
 ) -> list[SectionPrompt]:
-    """A section's requests: ranked sources in groups, best group first.
+    """Every section's requests: its ranked sources in groups, best first.
 
-    Each group of ``sources_per_request`` sources becomes one request
-    (``build_section_prompt``); a group none of whose sources fits is
-    dropped. No sources means no request: the section is left empty.
+    Each group of ``settings.chunk_sources_per_request`` sources becomes
+    one request (``part`` 0, 1, ...); a group none of whose sources fits is
+    dropped. A section with no sources gets no request and is left empty.
 
     Raises:
-        NeedsChunkedRouteError: The prompt with no excerpts already leaves
-            no room for the completion budget.
+        NeedsChunkedRouteError: A section's prompt with no excerpts already
+            leaves no room for the completion budget.
     """
+    completion_tokens = settings.chunk_completion_tokens
+    limit = context_tokens - completion_tokens
+    per_request = settings.chunk_sources_per_request
     prompts: list[SectionPrompt] = []
-    for start in range(0, len(ranked), sources_per_request):
-        prompt = build_section_prompt(
-            spec,
-            ranked[start : start + sources_per_request],
-            preamble=preamble,
-            counter=counter,
-            context_tokens=context_tokens,
-            completion_tokens=completion_tokens,
-            system_prompt=system_prompt,
-            part=len(prompts),
-        )
-        if prompt is not None:
-            prompts.append(prompt)
-    if not ranked:
-        # Still check that the section could be asked at all.
-        build_section_prompt(
-            spec,
-            [],
-            preamble=preamble,
-            counter=counter,
-            context_tokens=context_tokens,
-            completion_tokens=completion_tokens,
-            system_prompt=system_prompt,
-        )
+    for spec in specs:
+        empty = _section_prompt(spec, [], preamble, counter, system_prompt)
+        if empty.tokens > limit:
+            raise NeedsChunkedRouteError(
+                f"section {spec.name}: a {empty.tokens}-token prompt with no"
+                f" excerpts plus a {completion_tokens}-token completion exceeds"
+                f" the effective context {context_tokens}"
+            )
+        sources = ranked[spec.name]
+        part = 0
+        for start in range(0, len(sources), per_request):
+            group = sources[start : start + per_request]
+            prompt = _group_prompt(
+                spec, group, preamble, counter, system_prompt, limit, part
+            )
+            if prompt is not None:
+                prompts.append(prompt)
+                part += 1
     return prompts
 
 
-def build_section_prompt(
+def _group_prompt(
     spec: SectionSpec,
     ranked: Sequence[Source],
-    *,
     preamble: str,
     counter: TokenCounter,
-    context_tokens: int,
-    completion_tokens: int,
-    system_prompt: str = SECTION_SYSTEM_PROMPT,
-    part: int = 0,
+    system_prompt: str,
+    limit: int,
+    part: int,
 ) -> SectionPrompt | None:
-    """One request of a section: as many ranked sources as fit, in order.
+    """One request: as many of ``ranked`` as fit ``limit`` tokens, or None.
 
-    Sources are taken best first while the exact prompt plus the completion
-    budget stays within the effective context, then quoted in record order.
-
-    Returns:
-        The request, or None when no source was given or none fits.
-
-    Raises:
-        NeedsChunkedRouteError: The prompt with no excerpts already leaves
-            no room for the completion budget.
+    Sources are taken best first while the exact prompt stays within the
+    limit, then quoted in record order.
     """
-    limit = context_tokens - completion_tokens
-    empty = _section_prompt(spec, [], preamble, counter, system_prompt)
-    if empty.tokens > limit:
-        raise NeedsChunkedRouteError(
-            f"section {spec.name}: a {empty.tokens}-token prompt with no"
-            f" excerpts plus a {completion_tokens}-token completion exceeds"
-            f" the effective context {context_tokens}"
-        )
     chosen: list[Source] = []
     best = None
     for source in ranked:
@@ -522,15 +501,22 @@ def generate_sections(
             else:
                 answers[(name, part)] = statements
         pending = still_pending
-    results = {}
-    for spec in dict.fromkeys(p.spec for p in prompts):
-        parts = [
-            answers[(spec.name, p.part)]
-            for p in sorted(prompts, key=lambda p: p.part)
-            if p.spec == spec and (spec.name, p.part) in answers
-        ]
-        merged = merge_parts(parts, limit=spec.max_section_items) if parts else None
-        results[spec.name] = SectionResult(spec.name, merged, reasons[spec.name])
+    # Prompts come section by section, each section's parts best first.
+    specs = {p.spec.name: p.spec for p in prompts}
+    parts: dict[str, list[list[Statement]]] = {name: [] for name in specs}
+    for p in prompts:
+        if (p.spec.name, p.part) in answers:
+            parts[p.spec.name].append(answers[(p.spec.name, p.part)])
+    results = {
+        name: SectionResult(
+            name,
+            merge_parts(parts[name], limit=spec.max_section_items)
+            if parts[name]
+            else None,
+            reasons[name],
+        )
+        for name, spec in specs.items()
+    }
     largest = max((p.prompt.tokens for p in prompts), default=0) + budget
     totals = GenerationTotals(
         requests, prompt_tokens, completion_tokens, largest, duration_ms
@@ -671,19 +657,14 @@ def chart_section_prompts(
     ranked = retrieve_sources(
         sources, specs, embedder=embedder, top_k=settings.chunk_top_k
     )
-    return [
-        prompt
-        for spec in specs
-        for prompt in build_section_prompts(
-            spec,
-            ranked[spec.name],
-            preamble=preamble,
-            counter=counter,
-            context_tokens=context_tokens,
-            completion_tokens=settings.chunk_completion_tokens,
-            sources_per_request=settings.chunk_sources_per_request,
-        )
-    ]
+    return build_section_prompts(
+        specs,
+        ranked,
+        preamble=preamble,
+        counter=counter,
+        context_tokens=context_tokens,
+        settings=settings,
+    )
 
 
 def assemble_discharge(

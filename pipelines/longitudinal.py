@@ -162,20 +162,15 @@ def summarize_patient(
     ranked = retrieve_sources(
         sources, specs, embedder=embedder, top_k=settings.chunk_top_k
     )
-    prompts = [
-        prompt
-        for spec in specs
-        for prompt in build_section_prompts(
-            spec,
-            ranked[spec.name],
-            preamble=preamble,
-            counter=counter,
-            context_tokens=context_tokens,
-            completion_tokens=settings.chunk_completion_tokens,
-            sources_per_request=settings.chunk_sources_per_request,
-            system_prompt=LONGITUDINAL_SYSTEM_PROMPT,
-        )
-    ]
+    prompts = build_section_prompts(
+        specs,
+        ranked,
+        preamble=preamble,
+        counter=counter,
+        context_tokens=context_tokens,
+        settings=settings,
+        system_prompt=LONGITUDINAL_SYSTEM_PROMPT,
+    )
     results, totals = generate_sections(
         engine,
         prompts,

@@ -9,6 +9,7 @@ import pytest
 
 from pipelines.chunked import (
     DISCHARGE_SECTIONS,
+    ChunkedSummary,
     SectionResult,
     assemble_discharge,
     merge_parts,
@@ -58,6 +59,27 @@ def _long_chart(notes: int = 12) -> Chart:
     )
 
 
+def _summarize(
+    chart: Chart,
+    engine: ScriptedEngine,
+    counter: TokenCounter,
+    *,
+    settings: PipelineSettings | None = None,
+    context_tokens: int = 1500,
+) -> ChunkedSummary:
+    """The chunked route with BM25 alone, seed 0 and request prefix "job"."""
+    return summarize_chart_chunked(
+        chart,
+        engine=engine,
+        counter=counter,
+        embedder=None,
+        context_tokens=context_tokens,
+        settings=settings or PipelineSettings(),
+        seed=0,
+        request_prefix="job",
+    )
+
+
 def test_every_request_fits_the_context_and_cites_only_its_own_notes(
     token_counter: TokenCounter,
 ) -> None:
@@ -66,16 +88,7 @@ def test_every_request_fits_the_context_and_cites_only_its_own_notes(
     engine = ScriptedEngine(section_answer())
     settings = PipelineSettings()
 
-    result = summarize_chart_chunked(
-        chart,
-        engine=engine,
-        counter=token_counter,
-        embedder=None,
-        context_tokens=1500,
-        settings=settings,
-        seed=0,
-        request_prefix="job",
-    )
+    result = _summarize(chart, engine, token_counter, settings=settings)
 
     assert chart_tokens(chart, token_counter) > 1500
     assert engine.batches == [len(engine.requests)]
@@ -99,16 +112,7 @@ def test_a_fact_planted_mid_stay_reaches_the_medications_request(
     """Retrieval puts the middle note's medication line in that section's prompt."""
     engine = ScriptedEngine(section_answer())
 
-    summarize_chart_chunked(
-        _long_chart(),
-        engine=engine,
-        counter=token_counter,
-        embedder=None,
-        context_tokens=1500,
-        settings=PipelineSettings(),
-        seed=0,
-        request_prefix="job",
-    )
+    _summarize(_long_chart(), engine, token_counter)
 
     medications = [
         token_counter.decode(r.prompt_token_ids)
@@ -122,16 +126,7 @@ def test_copied_forward_notes_are_quoted_once(token_counter: TokenCounter) -> No
     """Twelve identical progress notes are quoted as one excerpt."""
     engine = ScriptedEngine(section_answer())
 
-    summarize_chart_chunked(
-        _long_chart(),
-        engine=engine,
-        counter=token_counter,
-        embedder=None,
-        context_tokens=1500,
-        settings=PipelineSettings(),
-        seed=0,
-        request_prefix="job",
-    )
+    _summarize(_long_chart(), engine, token_counter)
 
     for request in engine.requests:
         prompt = token_counter.decode(request.prompt_token_ids)
@@ -153,16 +148,7 @@ def test_an_invalid_section_is_retried_and_a_failing_one_left_empty(
 
     engine = ScriptedEngine(answer)
 
-    result = summarize_chart_chunked(
-        _long_chart(),
-        engine=engine,
-        counter=token_counter,
-        embedder=None,
-        context_tokens=1500,
-        settings=PipelineSettings(),
-        seed=0,
-        request_prefix="job",
-    )
+    result = _summarize(_long_chart(), engine, token_counter)
 
     assert result.failed_sections == ["discharge_medications"]
     assert result.summary.discharge_medications == []
@@ -176,16 +162,7 @@ def test_a_context_with_no_room_for_a_chunk_is_refused(
     engine = ScriptedEngine(lambda _request: pytest.fail("engine must not run"))
 
     with pytest.raises(NeedsChunkedRouteError, match="effective context 600"):
-        summarize_chart_chunked(
-            _long_chart(),
-            engine=engine,
-            counter=token_counter,
-            embedder=None,
-            context_tokens=600,
-            settings=PipelineSettings(),
-            seed=0,
-            request_prefix="job",
-        )
+        _summarize(_long_chart(), engine, token_counter, context_tokens=600)
 
 
 def test_assembly_needs_a_hospital_course() -> None:
@@ -260,16 +237,7 @@ def test_a_section_is_written_one_excerpt_per_request_and_merged(
     engine = ScriptedEngine(_answer_by_part)
     settings = PipelineSettings(chunk_top_k=4, chunk_sources_per_request=1)
 
-    result = summarize_chart_chunked(
-        chart,
-        engine=engine,
-        counter=token_counter,
-        embedder=None,
-        context_tokens=1500,
-        settings=settings,
-        seed=0,
-        request_prefix="job",
-    )
+    result = _summarize(chart, engine, token_counter, settings=settings)
 
     medications = [
         r for r in engine.requests if "-discharge_medications-" in r.request_id
@@ -296,15 +264,11 @@ def test_one_failing_request_costs_only_its_own_statements(
 
     engine = ScriptedEngine(answer)
 
-    result = summarize_chart_chunked(
+    result = _summarize(
         _varied_chart(),
-        engine=engine,
-        counter=token_counter,
-        embedder=None,
-        context_tokens=1500,
+        engine,
+        token_counter,
         settings=PipelineSettings(chunk_top_k=3, chunk_sources_per_request=1),
-        seed=0,
-        request_prefix="job",
     )
 
     assert result.failed_sections == []
@@ -319,15 +283,11 @@ def test_grouped_requests_quote_several_excerpts(token_counter: TokenCounter) ->
     """chunk_sources_per_request=4 packs a section's four chunks in one request."""
     engine = ScriptedEngine(_answer_by_part)
 
-    summarize_chart_chunked(
+    _summarize(
         _varied_chart(),
-        engine=engine,
-        counter=token_counter,
-        embedder=None,
-        context_tokens=1500,
+        engine,
+        token_counter,
         settings=PipelineSettings(chunk_top_k=4, chunk_sources_per_request=4),
-        seed=0,
-        request_prefix="job",
     )
 
     [request] = [
