@@ -6,7 +6,6 @@
     │   │   └── EngineDeadError            the in-process engine died: restart
     │   └── StoreUnavailableError      the database cannot be reached
     └── PermanentError             retrying will not help; the job ends
-        ├── InvalidStayError           input that breaks the stay format
         ├── StayNotFoundError          a job names a stay that is not stored
         ├── NeedsChunkedRouteError     the chart does not fit the effective context
         ├── CompletionInvalidError     the model never produced a valid summary
@@ -48,25 +47,31 @@ class PermanentError(ChartsumError):
 
     #: The job state this error leads to.
     job_state: str = "failed"
-
-
-class InvalidStayError(PermanentError):
-    """A stay record breaks the input format (raised at ingest, with its line)."""
+    #: The job's ``error_code``: short, stable, snake_case, for dashboards
+    #: and integrations to match on.
+    code: str = "permanent_error"
 
 
 class StayNotFoundError(PermanentError):
     """A job names a stay or patient that the database does not hold."""
 
+    code = "stay_not_found"
+
 
 class NeedsChunkedRouteError(PermanentError):
     """The single-pass prompt plus completion budget exceeds the effective context."""
+
+    code = "needs_chunked_route"
 
 
 class CompletionInvalidError(PermanentError):
     """Every generation attempt was cut off or failed validation."""
 
     job_state = "needs_review"
+    code = "completion_invalid"
 
 
 class ModelPrepareError(PermanentError):
     """The embedded model's source file is missing, altered, or cannot be converted."""
+
+    code = "model_prepare_failed"

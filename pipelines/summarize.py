@@ -652,7 +652,7 @@ class Summarizer:
         ended = self.store.fail_job(
             claim.job_id,
             state=state,
-            error_code=type(exc).__name__,
+            error_code=exc.code,
             error=str(exc),
             owner=claim.lease_owner,
         )
@@ -669,7 +669,7 @@ class Summarizer:
             duration_ms=int((time.perf_counter() - started) * 1000),
             error=str(exc),
         )
-        self._log_outcome(outcome, claim, error_code=type(exc).__name__)
+        self._log_outcome(outcome, claim, error_code=exc.code)
         return outcome
 
     def _lease_lost(

@@ -11,7 +11,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 #: Ids are opaque keys: letters, digits and ``._:-``, at most 128 characters.
 RecordId = Annotated[
@@ -86,6 +93,31 @@ class StayRecord(BaseModel):
     medications: list[CodedItem] = []
     procedures: list[CodedItem] = []
     labs: list[dict[str, Any]] = []
+
+    @field_validator("schema_version")
+    @classmethod
+    def _version_is_readable(cls, value: str) -> str:
+        # 1.x adds optional fields only; another major version may change
+        # the meaning of the fields read here.
+        major, _, minor = value.partition(".")
+        if major != "1" or not minor.isdigit():
+            raise ValueError(
+                f"schema_version {value[:16]!r} is not supported; this chartsum"
+                " reads 1.x"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _discharge_is_not_before_admission(self) -> StayRecord:
+        admit, discharge = self.admit_time, self.discharge_time
+        if admit is None or discharge is None:
+            return self
+        if (admit.tzinfo is None) != (discharge.tzinfo is None):
+            # One with an offset, one without: compare the wall-clock times.
+            admit, discharge = admit.replace(tzinfo=None), discharge.replace(tzinfo=None)
+        if discharge < admit:
+            raise ValueError(f"stay {self.stay_id} has discharge_time before admit_time")
+        return self
 
     @model_validator(mode="after")
     def _note_ids_are_unique(self) -> StayRecord:

@@ -96,6 +96,41 @@ def test_duplicate_note_ids_inside_a_stay_are_an_error() -> None:
     assert "appears twice" in parsed.errors[0].reason
 
 
+def test_a_discharge_before_admission_is_rejected_without_the_dates() -> None:
+    """Swapped timestamps are a broken export; the reason names the stay only."""
+    parsed = parse_stay_lines(
+        [
+            stay_line("a", discharge_time="2019-12-31T10:00:00+00:00"),
+            # One naive, one with an offset: compared as wall-clock times.
+            stay_line("b", admit_time="2020-01-02", discharge_time="2020-01-01T09:00Z"),
+            stay_line("c", admit_time="2020-01-01", discharge_time="2020-01-01T09:00Z"),
+        ]
+    )
+
+    assert [s.stay_id for s in parsed.stays] == ["c"]
+    assert [e.stay_id for e in parsed.errors] == ["a", "b"]
+    assert "discharge_time before admit_time" in parsed.errors[0].reason
+    assert "2019" not in parsed.errors[0].reason
+
+
+def test_an_unknown_major_schema_version_is_rejected_and_1x_is_read() -> None:
+    """1.x only adds optional fields; 2.0 could change what the fields mean."""
+    parsed = parse_stay_lines(
+        [
+            stay_line("a", schema_version="2.0"),
+            stay_line("b", schema_version="1.3"),
+            stay_line("c", schema_version="1"),
+        ]
+    )
+
+    assert [s.stay_id for s in parsed.stays] == ["b"]
+    assert [(e.stay_id, e.field) for e in parsed.errors] == [
+        ("a", "schema_version"),
+        ("c", "schema_version"),
+    ]
+    assert "reads 1.x" in parsed.errors[0].reason
+
+
 def test_unknown_fields_are_kept_and_do_not_fail_a_line() -> None:
     """Fields chartsum does not read are accepted and carried along."""
     parsed = parse_stay_lines([stay_line("a", ward="7B", provenance={"x": 1})])

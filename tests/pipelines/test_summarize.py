@@ -83,7 +83,7 @@ def test_a_completion_always_cut_off_ends_needs_review_with_the_reason(
     assert outcome.state == JobState.NEEDS_REVIEW
     job = sqlite_store.get_job(job_id)
     assert job is not None
-    assert job.error_code == "CompletionInvalidError"
+    assert job.error_code == "completion_invalid"
     assert "attempt 3: cut off at 1536 tokens" in (job.error or "")
     assert sqlite_store.find_summary(job_id) is None
 
@@ -126,7 +126,7 @@ def test_a_context_too_short_even_for_one_chunk_fails_with_the_limit(
     job = sqlite_store.get_job(job_id)
     assert job is not None
     assert (outcome.state, job.route) == (JobState.FAILED, "chunked")
-    assert job.error_code == "NeedsChunkedRouteError"
+    assert job.error_code == "needs_chunked_route"
     assert "effective context 500" in (job.error or "")
 
 
