@@ -114,9 +114,12 @@ class StayRecord(BaseModel):
             return self
         if (admit.tzinfo is None) != (discharge.tzinfo is None):
             # One with an offset, one without: compare the wall-clock times.
-            admit, discharge = admit.replace(tzinfo=None), discharge.replace(tzinfo=None)
+            admit = admit.replace(tzinfo=None)
+            discharge = discharge.replace(tzinfo=None)
         if discharge < admit:
-            raise ValueError(f"stay {self.stay_id} has discharge_time before admit_time")
+            raise ValueError(
+                f"stay {self.stay_id} has discharge_time before admit_time"
+            )
         return self
 
     @model_validator(mode="after")
