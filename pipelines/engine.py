@@ -30,6 +30,8 @@ from schemas.settings import VllmSettings
 class EngineRejectedError(PermanentError):
     """The engine refused a request as malformed (not a passing fault)."""
 
+    code = "engine_rejected"
+
 
 @dataclass(frozen=True)
 class CompletionRequest:

@@ -68,6 +68,8 @@ class UnsupportedTokenizerError(PermanentError):
     regex Split), or a model folder with no chat template to render.
     """
 
+    code = "unsupported_tokenizer"
+
 
 class TokenCounter:
     """The served model's tokenizer: exact ids, counts and chat rendering.
