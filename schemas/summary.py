@@ -11,9 +11,17 @@ still ends; the same bounds constrain decoding through the JSON schema.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 SCHEMA_VERSION = "discharge-1"
 
@@ -22,7 +30,38 @@ MAX_STATEMENT_CHARS = 240
 #: Most notes one statement may cite.
 MAX_CITATIONS = 3
 
-StatementText = Annotated[str, Field(min_length=1, max_length=MAX_STATEMENT_CHARS)]
+_CLAUSE_BREAK = re.compile(r"(?<=[.;,])\s+")
+_WORD = re.compile(r"\w+")
+
+
+def drop_repeated_clauses(text: str) -> str:
+    """The text without the clauses that repeat an earlier clause.
+
+    Small models loop ("10 mg tablets, 10 mg tablets, ..."). A clause is
+    what lies between a ``.``, ``;`` or ``,`` followed by a space (so
+    ``2.5 mg`` stays whole); two clauses are repeats when their words match,
+    case and punctuation aside. Only repeats go, so every fact the model
+    wrote stays. Text without repeats comes back unchanged.
+    """
+    clauses = _CLAUSE_BREAK.split(text)
+    kept: list[str] = []
+    seen: set[str] = set()
+    for clause in clauses:
+        key = " ".join(_WORD.findall(clause.lower()))
+        if key and key in seen:
+            continue
+        seen.add(key)
+        kept.append(clause)
+    if len(kept) == len(clauses):
+        return text
+    return " ".join(kept).rstrip(" ,;")
+
+
+StatementText = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_STATEMENT_CHARS),
+    AfterValidator(drop_repeated_clauses),
+]
 
 
 class Statement(BaseModel):

@@ -14,6 +14,7 @@ from schemas.summary import (
     DischargeSummary,
     Statement,
     discharge_json_schema,
+    drop_repeated_clauses,
 )
 from tests.helpers import summary_json
 
@@ -88,3 +89,40 @@ def test_summaries_round_trip_through_json(summary: DischargeSummary) -> None:
 
     assert again == summary
     assert json.loads(text)["hospital_course"]
+
+
+def test_a_looping_statement_keeps_each_clause_once() -> None:
+    """What a small model's loop looks like, and what is stored."""
+    looped = Statement(
+        text="Metformin 500 mg tablets, 10mg tablets, 10mg tablets, 10Mg Tablets.",
+        note_ids=["n1"],
+    )
+    sentences = drop_repeated_clauses(
+        "No known allergies. No known intolerances. No known intolerances."
+    )
+
+    assert looped.text == "Metformin 500 mg tablets, 10mg tablets"
+    assert sentences == "No known allergies. No known intolerances."
+
+
+def test_decimals_and_distinct_clauses_are_left_alone() -> None:
+    """A period inside 2.5 is not a clause break; different doses differ."""
+    text = "Amlodipine 2.5 mg daily, lisinopril 2.5 mg daily; amlodipine 5 mg."
+
+    assert drop_repeated_clauses(text) == text
+
+
+@given(
+    st.lists(
+        st.sampled_from(["aspirin 81 mg", "Aspirin 81 MG", "daily", "stable", "x"]),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_dropping_repeats_keeps_every_distinct_clause_once(clauses: list[str]) -> None:
+    """Each distinct clause survives exactly once, in first-seen order."""
+    out = drop_repeated_clauses(", ".join(clauses))
+    kept = out.split(", ")
+
+    assert [k.lower() for k in kept] == list(dict.fromkeys(c.lower() for c in clauses))
+    assert drop_repeated_clauses(out) == out
