@@ -16,6 +16,14 @@ It first prints, for each trial, which section requests of the chunked
 route quote the planted sentence at all (chunking, dedupe, retrieval and
 packing only; ``--prompts-only`` stops there), then the model's recall.
 
+``--section discharge_medications`` sends only that section's chunked
+requests (one batch, greedy, no retries): it reports how many of the
+requests that quote the planted sentence name the drug, and the section's
+recall after the merge. Cheap enough for a larger sample:
+
+    python -m benchmarks.chunked_recall --seeds 7,8 --trials 3 \
+        --section discharge_medications
+
 Prints one JSON line per length and route; nothing about note text.
 """
 
@@ -30,7 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.chunked import (
+    DISCHARGE_SECTIONS,
     chart_section_prompts,
+    merge_parts,
+    parse_section,
     shared_embedder,
     summarize_chart_chunked,
 )
@@ -41,7 +52,7 @@ from pipelines.stays import Chart, ChartNote
 from pipelines.summarize import resolve_aliases
 from pipelines.tokens import TokenCounter
 from schemas.settings import Settings
-from schemas.summary import DischargeSummary, discharge_json_schema
+from schemas.summary import DischargeSummary, Statement, discharge_json_schema
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "longitudinal.jsonl"
 FACTS = [
@@ -76,6 +87,7 @@ def make_trial(
     fact: tuple[str, str],
     counter: TokenCounter,
     rng: random.Random,
+    name: str = "",
 ) -> Trial:
     """Consecutive real notes up to a length, the fact planted mid-stay."""
     start = rng.randrange(len(notes) // 2)
@@ -95,7 +107,7 @@ def make_trial(
             text = f"{text}\n\n# Medications\n{fact[1]}\n"
         chart_notes.append(ChartNote(f"n{i}", note.get("note_type"), None, text))
     chart = Chart(
-        stay_id=f"bench-{length_tokens}-{fact[0]}",
+        stay_id=f"bench-{length_tokens}-{fact[0]}{'-' + name if name else ''}",
         patient_id="bench",
         content_sha256="0" * 64,
         encounter_class="inpatient",
@@ -178,6 +190,73 @@ def chunked(
         return list(pool.map(one, enumerate(trials)))
 
 
+def one_section(
+    trials: list[Trial],
+    engine: InProcessEngine,
+    counter: TokenCounter,
+    settings: Settings,
+    context_tokens: int,
+    section: str,
+) -> dict[str, int]:
+    """One section's chunked requests for every trial, sent as one batch.
+
+    Counts the requests that quote the planted sentence, those of them whose
+    valid answer names the drug, and the trials whose merged section does.
+    """
+    spec = next(s for s in DISCHARGE_SECTIONS if s.name == section)
+    facts = dict(FACTS)
+    embedder = shared_embedder()
+    flat = [
+        (trial, prompt)
+        for trial in trials
+        for prompt in chart_section_prompts(
+            trial.chart,
+            counter=counter,
+            embedder=embedder,
+            context_tokens=context_tokens,
+            settings=settings.pipeline,
+            specs=[spec],
+        )
+    ]
+    completions = engine.complete_many(
+        [
+            CompletionRequest(
+                request_id=f"sec-{i}",
+                prompt_token_ids=prompt.prompt.token_ids,
+                max_tokens=settings.pipeline.chunk_completion_tokens,
+                json_schema=prompt.json_schema,
+                seed=settings.vllm.seed,
+                repetition_penalty=settings.pipeline.repetition_penalty,
+            )
+            for i, (_, prompt) in enumerate(flat)
+        ]
+    )
+    counts = {"requests": len(flat), "invalid": 0, "fact_requests": 0}
+    counts["fact_requests_naming_drug"] = 0
+    parts: dict[str, list[list[Statement]]] = {t.chart.stay_id: [] for t in trials}
+    for (trial, prompt), completion in zip(flat, completions, strict=True):
+        statements = None
+        if completion.finish_reason != "length":
+            statements, _ = parse_section(prompt, completion.text)
+        if statements is None:
+            counts["invalid"] += 1
+            continue
+        parts[trial.chart.stay_id].append(statements)
+        if any(facts[trial.drug] in m["content"] for m in prompt.prompt.messages):
+            counts["fact_requests"] += 1
+            named = any(trial.drug in s.text.lower() for s in statements)
+            counts["fact_requests_naming_drug"] += named
+    counts["trials"] = len(trials)
+    counts["recalled"] = sum(
+        any(
+            t.drug in s.text.lower()
+            for s in merge_parts(parts[t.chart.stay_id], limit=spec.max_section_items)
+        )
+        for t in trials
+    )
+    return counts
+
+
 def fact_in_section_prompts(
     trial: Trial,
     counter: TokenCounter,
@@ -217,6 +296,15 @@ def main() -> None:
         help="Chunked route: excerpts per request, one run per value (1,4).",
     )
     parser.add_argument(
+        "--seeds",
+        default="7",
+        help="Random draws of trials; each seed adds lengths x trials stays.",
+    )
+    parser.add_argument(
+        "--section",
+        help="Only this chunked-route section, one batch (a cheaper, larger sample).",
+    )
+    parser.add_argument(
         "--prompts-only",
         action="store_true",
         help="Only check whether the fact reaches a section prompt; no engine.",
@@ -229,18 +317,22 @@ def main() -> None:
         for line in DATA.open(encoding="utf-8")
         if line.startswith("{") and '"ctk-a3ac2430-all"' in line[:400]
     )
-    rng = random.Random(7)
-    trials = [
-        make_trial(
-            record["notes"],
-            length_tokens=int(length),
-            fact=FACTS[(i + j) % len(FACTS)],
-            counter=counter,
-            rng=rng,
-        )
-        for i, length in enumerate(args.lengths.split(","))
-        for j in range(args.trials)
-    ]
+    trials = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        rng = random.Random(seed)
+        trials += [
+            make_trial(
+                record["notes"],
+                length_tokens=int(length),
+                # Seed 7 keeps the drugs of the first published run.
+                fact=FACTS[(i + j + seed - 7) % len(FACTS)],
+                counter=counter,
+                rng=rng,
+                name=f"s{seed}-{j}",
+            )
+            for i, length in enumerate(args.lengths.split(","))
+            for j in range(args.trials)
+        ]
     facts = dict(FACTS)
     for trial in trials:
         sections = fact_in_section_prompts(
@@ -259,6 +351,17 @@ def main() -> None:
     if args.prompts_only:
         return
     engine = InProcessEngine(model_dir=settings.model_dir, settings=settings.vllm)
+    if args.section:
+        try:
+            started = time.perf_counter()
+            counts = one_section(
+                trials, engine, counter, settings, args.context, args.section
+            )
+            counts["wall_s"] = round(time.perf_counter() - started)
+            print(json.dumps({"route": "chunked", "section": args.section, **counts}))
+        finally:
+            engine.close()
+        return
     # One route at a time, so each one's wall time is its own and a long
     # single-pass request never waits behind hundreds of short ones.
     try:

@@ -573,6 +573,19 @@ def parse_section(
         first = exc.errors(include_input=False, include_url=False)[0]
         where = ".".join(str(part) for part in first["loc"]) or "<root>"
         return None, f"{exc.error_count()} error(s), first at {where}: {first['msg']}"
+    # Validation drops clauses a looping model repeated; count, for the log.
+    looped = sum(
+        1
+        for item, statement in zip(items, statements, strict=True)
+        if item.get("text") != statement.text
+    )
+    if looped:
+        log.info(
+            "statement_repeats_dropped",
+            section=name,
+            part=section_prompt.part,
+            statements=looped,
+        )
     return statements[: section_prompt.spec.max_items], ""
 
 
