@@ -111,8 +111,16 @@ def _three_stays(store: ChartStore) -> None:
             "a",
             notes=[{"note_id": "a-n1", "note_type": "H&P", "text": note_a}],
         ),
-        stay_dict("b", admit_time="2021-01-01T10:00:00+00:00"),
-        stay_dict("c", admit_time="2022-01-01T10:00:00+00:00"),
+        stay_dict(
+            "b",
+            admit_time="2021-01-01T10:00:00+00:00",
+            discharge_time="2021-01-03T10:00:00+00:00",
+        ),
+        stay_dict(
+            "c",
+            admit_time="2022-01-01T10:00:00+00:00",
+            discharge_time="2022-01-03T10:00:00+00:00",
+        ),
     ]
     store.ingest(parse_stay_lines([json.dumps(s) for s in stays]).stays)
 

@@ -34,7 +34,11 @@ def _ingest_days(store: ChartStore, count: int) -> list[str]:
                 )
             )
         )
-    outside = stay_dict("b-old", discharge_time="2019-05-01T00:00:00+00:00")
+    outside = stay_dict(
+        "b-old",
+        admit_time="2019-04-28T00:00:00+00:00",
+        discharge_time="2019-05-01T00:00:00+00:00",
+    )
     lines.append(json.dumps(outside))
     store.ingest(parse_stay_lines(lines).stays)
     return [f"b-{day:03d}" for day in range(count)]
@@ -224,7 +228,10 @@ def test_a_longitudinal_backfill_queues_one_job_per_patient_once(
     lines.append(
         json.dumps(
             stay_dict(
-                "p3-0", patient_id="p3", discharge_time="2019-01-01T00:00:00+00:00"
+                "p3-0",
+                patient_id="p3",
+                admit_time="2018-12-30T00:00:00+00:00",
+                discharge_time="2019-01-01T00:00:00+00:00",
             )
         )
     )
