@@ -320,19 +320,22 @@ def retrieve_sources(
 
 def build_section_prompts(
     specs: Sequence[SectionSpec],
-    ranked: Mapping[str, Sequence[Source]],
+    sources: Sequence[Source],
     *,
+    embedder: Embedder | None,
     preamble: str,
     counter: TokenCounter,
     context_tokens: int,
     settings: PipelineSettings,
     system_prompt: str = SECTION_SYSTEM_PROMPT,
 ) -> list[SectionPrompt]:
-    """Every section's requests: its ranked sources in groups, best first.
+    """Every section's requests: its retrieved sources in groups, best first.
 
-    Each group of ``settings.chunk_sources_per_request`` sources becomes
-    one request (``part`` 0, 1, ...); a group none of whose sources fits is
-    dropped. A section with no sources gets no request and is left empty.
+    Each section retrieves its best ``settings.chunk_top_k`` sources
+    (``retrieve_sources``). Each group of ``settings.chunk_sources_per_request``
+    of them becomes one request (``part`` 0, 1, ...); a group none of whose
+    sources fits is dropped. A section with no sources gets no request and
+    is left empty.
 
     Raises:
         NeedsChunkedRouteError: A section's prompt with no excerpts already
@@ -341,6 +344,9 @@ def build_section_prompts(
     completion_tokens = settings.chunk_completion_tokens
     limit = context_tokens - completion_tokens
     per_request = settings.chunk_sources_per_request
+    ranked = retrieve_sources(
+        sources, specs, embedder=embedder, top_k=settings.chunk_top_k
+    )
     prompts: list[SectionPrompt] = []
     for spec in specs:
         empty = _section_prompt(spec, [], preamble, counter, system_prompt)
@@ -350,10 +356,10 @@ def build_section_prompts(
                 f" excerpts plus a {completion_tokens}-token completion exceeds"
                 f" the effective context {context_tokens}"
             )
-        sources = ranked[spec.name]
+        best = ranked[spec.name]
         part = 0
-        for start in range(0, len(sources), per_request):
-            group = sources[start : start + per_request]
+        for start in range(0, len(best), per_request):
+            group = best[start : start + per_request]
             prompt = _group_prompt(
                 spec, group, preamble, counter, system_prompt, limit, part
             )
@@ -667,12 +673,10 @@ def chart_section_prompts(
         context_tokens=context_tokens,
         completion_tokens=settings.chunk_completion_tokens,
     )
-    ranked = retrieve_sources(
-        sources, specs, embedder=embedder, top_k=settings.chunk_top_k
-    )
     return build_section_prompts(
         specs,
-        ranked,
+        sources,
+        embedder=embedder,
         preamble=preamble,
         counter=counter,
         context_tokens=context_tokens,

@@ -27,7 +27,6 @@ from pipelines.chunked import (
     note_label,
     note_sources,
     request_overhead_tokens,
-    retrieve_sources,
 )
 from pipelines.engine import Engine
 from pipelines.errors import CompletionInvalidError
@@ -159,12 +158,10 @@ def summarize_patient(
     sources = patient_sources(
         charts, reused=reused, counter=counter, chunk_tokens=chunk_tokens
     )
-    ranked = retrieve_sources(
-        sources, specs, embedder=embedder, top_k=settings.chunk_top_k
-    )
     prompts = build_section_prompts(
         specs,
-        ranked,
+        sources,
+        embedder=embedder,
         preamble=preamble,
         counter=counter,
         context_tokens=context_tokens,
