@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from pipelines.engine import Completion, CompletionRequest
+from pipelines.stays import Chart, ChartNote
 
 SYNTHETIC_NOTE = (
     "# Chief Complaint\n- Cough\n\n# Assessment and Plan\n"
@@ -36,6 +38,27 @@ def stay_dict(stay_id: str = "t-stay-1", **changes: Any) -> dict[str, Any]:
     }
     record.update(changes)
     return record
+
+
+def notes_chart(
+    notes: Sequence[ChartNote],
+    *,
+    stay_id: str = "s1",
+    admit_time: datetime | None = None,
+    discharge_time: datetime | None = None,
+) -> Chart:
+    """A loaded stay of patient p1 made of these notes, for pipeline tests."""
+    return Chart(
+        stay_id=stay_id,
+        patient_id="p1",
+        content_sha256="0" * 64,
+        encounter_class="inpatient",
+        reason_for_visit=None,
+        admit_time=admit_time,
+        discharge_time=discharge_time,
+        record={},
+        notes=tuple(notes),
+    )
 
 
 def stay_line(stay_id: str = "t-stay-1", **changes: Any) -> str:

@@ -21,7 +21,7 @@ from pipelines.stays import Chart, ChartNote
 from pipelines.tokens import TokenCounter
 from schemas.settings import PipelineSettings
 from schemas.summary import Statement
-from tests.helpers import ScriptedEngine, section_answer
+from tests.helpers import ScriptedEngine, notes_chart, section_answer
 
 PLANTED = "Dabigatran 150 mg twice daily was started for atrial fibrillation."
 FILLER = (
@@ -46,16 +46,10 @@ def _long_chart(notes: int = 12) -> Chart:
                 text,
             )
         )
-    return Chart(
-        stay_id="s1",
-        patient_id="p1",
-        content_sha256="0" * 64,
-        encounter_class="inpatient",
-        reason_for_visit=None,
+    return notes_chart(
+        chart_notes,
         admit_time=datetime(2020, 1, 1, tzinfo=UTC),
         discharge_time=datetime(2020, 1, 14, tzinfo=UTC),
-        record={},
-        notes=tuple(chart_notes),
     )
 
 
@@ -205,16 +199,11 @@ def _varied_chart(notes: int = 6) -> Chart:
         )
         for i in range(notes)
     ]
-    return Chart(
+    return notes_chart(
+        chart_notes,
         stay_id="s2",
-        patient_id="p1",
-        content_sha256="0" * 64,
-        encounter_class="inpatient",
-        reason_for_visit=None,
         admit_time=datetime(2020, 2, 1, tzinfo=UTC),
         discharge_time=datetime(2020, 2, 9, tzinfo=UTC),
-        record={},
-        notes=tuple(chart_notes),
     )
 
 

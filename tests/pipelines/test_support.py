@@ -19,6 +19,7 @@ from pipelines.support import (
 )
 from schemas.summary import DischargeSummary, Statement
 from tests.conftest import SHARED_DATA
+from tests.helpers import notes_chart
 
 CHEMO_STAY = "syn-enc-3d291b56-d41a-32b4-708a-f0d1ed9fb7f9"
 LYMPHOMA_STAY = "mts-discharge-summary-lymphoma"
@@ -215,17 +216,7 @@ def test_a_date_from_the_note_header_supports_a_statement() -> None:
     note = ChartNote(
         "n1", "Progress note", datetime(2024, 3, 12, 9, tzinfo=UTC), "Cough improved."
     )
-    chart = Chart(
-        stay_id="s",
-        patient_id="p",
-        content_sha256="0" * 64,
-        encounter_class="inpatient",
-        reason_for_visit=None,
-        admit_time=None,
-        discharge_time=None,
-        record={},
-        notes=(note,),
-    )
+    chart = notes_chart([note])
     summary = DischargeSummary.model_validate(
         {
             "hospital_course": [
