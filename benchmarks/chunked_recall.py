@@ -33,12 +33,14 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.chunked import (
     DISCHARGE_SECTIONS,
+    SectionPrompt,
     chart_section_prompts,
     merge_parts,
     parse_section,
@@ -192,31 +194,24 @@ def chunked(
 
 def one_section(
     trials: list[Trial],
+    prompts: Mapping[str, list[SectionPrompt]],
     engine: InProcessEngine,
-    counter: TokenCounter,
     settings: Settings,
-    context_tokens: int,
     section: str,
 ) -> dict[str, int]:
     """One section's chunked requests for every trial, sent as one batch.
 
+    ``prompts`` are each trial's chunked-route requests, by stay id.
     Counts the requests that quote the planted sentence, those of them whose
     valid answer names the drug, and the trials whose merged section does.
     """
     spec = next(s for s in DISCHARGE_SECTIONS if s.name == section)
     facts = dict(FACTS)
-    embedder = shared_embedder()
     flat = [
         (trial, prompt)
         for trial in trials
-        for prompt in chart_section_prompts(
-            trial.chart,
-            counter=counter,
-            embedder=embedder,
-            context_tokens=context_tokens,
-            settings=settings.pipeline,
-            specs=[spec],
-        )
+        for prompt in prompts[trial.chart.stay_id]
+        if prompt.spec.name == section
     ]
     completions = engine.complete_many(
         [
@@ -242,7 +237,7 @@ def one_section(
             counts["invalid"] += 1
             continue
         parts[trial.chart.stay_id].append(statements)
-        if any(facts[trial.drug] in m["content"] for m in prompt.prompt.messages):
+        if quotes(prompt, facts[trial.drug]):
             counts["fact_requests"] += 1
             named = any(trial.drug in s.text.lower() for s in statements)
             counts["fact_requests_naming_drug"] += named
@@ -257,30 +252,9 @@ def one_section(
     return counts
 
 
-def fact_in_section_prompts(
-    trial: Trial,
-    counter: TokenCounter,
-    settings: Settings,
-    context_tokens: int,
-    fact_text: str,
-) -> list[str]:
-    """The sections whose request quotes the planted fact (no engine).
-
-    The chunked route's own chunking, dedupe, retrieval and prompt packing,
-    stopped before generation: whether the fact can reach the model at all.
-    """
-    prompts = chart_section_prompts(
-        trial.chart,
-        counter=counter,
-        embedder=shared_embedder(),
-        context_tokens=context_tokens,
-        settings=settings.pipeline,
-    )
-    return [
-        prompt.spec.name
-        for prompt in prompts
-        if any(fact_text in m["content"] for m in prompt.prompt.messages)
-    ]
+def quotes(prompt: SectionPrompt, fact_text: str) -> bool:
+    """Whether a request's messages hold the planted sentence."""
+    return any(fact_text in m["content"] for m in prompt.prompt.messages)
 
 
 def main() -> None:
@@ -334,10 +308,24 @@ def main() -> None:
             for j in range(args.trials)
         ]
     facts = dict(FACTS)
-    for trial in trials:
-        sections = fact_in_section_prompts(
-            trial, counter, settings, args.context, facts[trial.drug]
+    # The chunked route's own chunking, dedupe, retrieval and packing,
+    # stopped before generation: whether the fact can reach the model at all.
+    prompts = {
+        trial.chart.stay_id: chart_section_prompts(
+            trial.chart,
+            counter=counter,
+            embedder=shared_embedder(),
+            context_tokens=args.context,
+            settings=settings.pipeline,
         )
+        for trial in trials
+    }
+    for trial in trials:
+        sections = [
+            prompt.spec.name
+            for prompt in prompts[trial.chart.stay_id]
+            if quotes(prompt, facts[trial.drug])
+        ]
         print(
             json.dumps(
                 {
@@ -354,9 +342,7 @@ def main() -> None:
     if args.section:
         try:
             started = time.perf_counter()
-            counts = one_section(
-                trials, engine, counter, settings, args.context, args.section
-            )
+            counts = one_section(trials, prompts, engine, settings, args.section)
             counts["wall_s"] = round(time.perf_counter() - started)
             print(json.dumps({"route": "chunked", "section": args.section, **counts}))
         finally:
