@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,7 +43,7 @@ from pipelines.retrieval import (
 from pipelines.stays import Chart, ChartNote
 from pipelines.tokens import TokenCounter, neutralize_special_tokens
 from schemas.settings import PipelineSettings
-from schemas.summary import DischargeSummary, Statement
+from schemas.summary import DischargeSummary, Statement, words_key
 
 log = structlog.get_logger("chartsum.chunked")
 
@@ -71,7 +70,6 @@ Write [] when the excerpts say nothing for this section.
 Answer with JSON only."""
 
 _STATEMENTS = TypeAdapter(list[Statement])
-_WORD = re.compile(r"\w+")
 _STATEMENT_SCHEMA = Statement.model_json_schema()
 
 
@@ -544,7 +542,7 @@ def merge_parts(parts: Sequence[Sequence[Statement]], *, limit: int) -> list[Sta
         for part in parts:
             if rank >= len(part) or len(merged) >= limit:
                 continue
-            key = " ".join(_WORD.findall(part[rank].text.lower()))
+            key = words_key(part[rank].text)
             if key not in seen:
                 seen.add(key)
                 merged.append(part[rank])

@@ -34,6 +34,11 @@ _CLAUSE_BREAK = re.compile(r"(?<=[.;,])\s+")
 _WORD = re.compile(r"\w+")
 
 
+def words_key(text: str) -> str:
+    """Text's words, lowercased and single-spaced: equal for repeats."""
+    return " ".join(_WORD.findall(text.lower()))
+
+
 def drop_repeated_clauses(text: str) -> str:
     """The text without the clauses that repeat an earlier clause.
 
@@ -47,7 +52,7 @@ def drop_repeated_clauses(text: str) -> str:
     kept: list[str] = []
     seen: set[str] = set()
     for clause in clauses:
-        key = " ".join(_WORD.findall(clause.lower()))
+        key = words_key(clause)
         if key and key in seen:
             continue
         seen.add(key)
