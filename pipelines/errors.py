@@ -9,6 +9,8 @@
         ├── StayNotFoundError          a job names a stay that is not stored
         ├── NeedsChunkedRouteError     the chart does not fit the effective context
         ├── CompletionInvalidError     the model never produced a valid summary
+        ├── RetriesExhaustedError      a retryable failure outlasted every retry
+        ├── InternalError              a bug in chartsum ended this one job
         └── ModelPrepareError          the embedded model cannot be made
 
 Messages name what failed, the ids and limits involved, and what happens
@@ -69,6 +71,22 @@ class CompletionInvalidError(PermanentError):
 
     job_state = "needs_review"
     code = "completion_invalid"
+
+
+class RetriesExhaustedError(PermanentError):
+    """The engine or database kept failing until the job's last try."""
+
+    code = "retries_exhausted"
+
+
+class InternalError(PermanentError):
+    """An unexpected exception (a bug, not a bad stay) ended the job.
+
+    The message names the exception type only; its own message could quote
+    the input. The traceback goes to the worker log.
+    """
+
+    code = "internal_error"
 
 
 class ModelPrepareError(PermanentError):

@@ -24,7 +24,10 @@ from pipelines.chunked import shared_embedder, summarize_chart_chunked
 from pipelines.engine import Completion, CompletionRequest, Engine
 from pipelines.errors import (
     CompletionInvalidError,
+    EngineDeadError,
+    InternalError,
     PermanentError,
+    RetriesExhaustedError,
     RetryableError,
     StoreUnavailableError,
 )
@@ -270,18 +273,31 @@ class Summarizer:
         self.leases = LeaseRenewer(store, lease_s=settings.pipeline.job_lease_s)
 
     def process_job(
-        self, job_id: str, *, on_progress: ProgressCallback = _no_progress
+        self,
+        job_id: str,
+        *,
+        on_progress: ProgressCallback = _no_progress,
+        last_try: bool = False,
     ) -> JobOutcome:
         """Run one job to a final state, or hand it back for a retry.
+
+        Every write that ends the job names this delivery's lease, so a
+        delivery that lost its lease to another one never ends the job
+        under it: not with a summary, a permanent error, the last retry or
+        a crash.
 
         Args:
             job_id: The job to run.
             on_progress: Told each stage (claimed, routed, generating,
                 storing) with ids and counts.
+            last_try: This is the job's last delivery: a retryable failure
+                ends it as ``retries_exhausted`` instead of handing it back.
 
         Raises:
             RetryableError: The engine or database failed in a way that may
                 pass; the job is back in the queue and the caller retries.
+                On the last try only EngineDeadError is raised, after the job
+                ended, so the worker still restarts.
         """
         started = time.perf_counter()
         claim = self.store.claim_job(
@@ -304,9 +320,31 @@ class Summarizer:
             outcome = self._end_permanently(claim, exc, started)
         except RetryableError as exc:
             self.leases.drop(claim)
-            self.store.release_job(job_id, owner=claim.lease_owner, error=str(exc))
-            log.warning("job_released_for_retry", error=str(exc))
-            raise
+            if not last_try:
+                self.store.release_job(job_id, owner=claim.lease_owner, error=str(exc))
+                log.warning("job_released_for_retry", error=str(exc))
+                raise
+            log.error("job_retries_exhausted", error=str(exc))
+            gave_up = RetriesExhaustedError(
+                f"gave up after {claim.attempt} tries: {exc}"
+            )
+            outcome = self._end_permanently(claim, gave_up, started)
+            if isinstance(exc, EngineDeadError):
+                raise
+        except Exception as exc:
+            # A bug, not a bad stay: end this job, keep the worker and the
+            # rest of the queue going. Frames only: the exception's message
+            # could quote patient text.
+            log.error(
+                "job_crashed",
+                error_type=type(exc).__name__,
+                traceback="".join(traceback.format_tb(exc.__traceback__)),
+            )
+            crashed = InternalError(
+                f"internal error ({type(exc).__name__}); see the worker log"
+                f" for job {job_id}"
+            )
+            outcome = self._end_permanently(claim, crashed, started)
         finally:
             self.leases.drop(claim)
             structlog.contextvars.unbind_contextvars("job_id", "stay_id", "attempt")

@@ -172,29 +172,25 @@ def _run(task: Task, summarizer: Summarizer, job_id: str) -> dict[str, Any]:
                 state="PROGRESS", meta={"job_id": job_id, "stage": stage, **meta}
             )
 
+    retries = task.request.retries
+    last_try = retries >= MAX_RETRIES
     try:
-        outcome = summarizer.process_job(job_id, on_progress=report)
+        outcome = summarizer.process_job(job_id, on_progress=report, last_try=last_try)
     except RetryableError as exc:
         if isinstance(exc, EngineDeadError):
             _shut_down_for_dead_engine()
-        retries = task.request.retries
-        if retries >= MAX_RETRIES:
-            summarizer.store.fail_job(
-                job_id,
-                state=JobState.FAILED,
-                error_code="retries_exhausted",
-                error=f"gave up after {retries + 1} tries: {exc}",
-            )
-            log.error("job_retries_exhausted", retries=retries)
-            return {"job_id": job_id, "state": JobState.FAILED, "ran": True}
+        if last_try:
+            # Only a dead engine, or a database that failed the final write
+            # too, gets here. The job row says how it ended; if the write
+            # failed, its lease runs out and the sweeper sends it again.
+            raise
         delay_s = retry_delay_s(retries)
         log.warning("job_retry_scheduled", delay_s=delay_s, retries=retries)
         raise task.retry(exc=exc, countdown=delay_s) from None
     except Exception as exc:
-        # A bug, not a bad stay: end this job, keep the worker and the rest of
-        # the queue going. The traceback goes to the log; the job row gets
-        # only the exception type (its message could quote input).
-        # Frames only: the exception's message could quote patient text.
+        # A bug before the job was claimed (process_job ends its own claimed
+        # jobs): end this job, keep the worker and the rest of the queue
+        # going. Frames only: the exception's message could quote input.
         log.error(
             "job_crashed",
             error_type=type(exc).__name__,

@@ -13,7 +13,7 @@ import structlog
 from sqlalchemy import func, select, update
 
 from pipelines.engine import CompletionRequest
-from pipelines.errors import StoreUnavailableError
+from pipelines.errors import EngineUnavailableError, StoreUnavailableError
 from pipelines.routing import EffectiveContext
 from pipelines.stays import parse_stay_lines
 from pipelines.store import ChartStore, ClaimedJob, utcnow
@@ -389,3 +389,43 @@ def test_a_delivery_that_lost_its_lease_leaves_the_job_to_the_new_owner(
     assert _count_summaries(sqlite_store, job_id) == 0
     discarded = [e for e in logs if e["event"] == "job_result_discarded"]
     assert [(e["result"], e["log_level"]) for e in discarded] == [(result, "warning")]
+
+
+@pytest.mark.parametrize(
+    ("error", "last_try", "result"),
+    [
+        (KeyError("bug"), False, "failure"),
+        (EngineUnavailableError("engine down"), True, "failure"),
+    ],
+    ids=["crash", "last_try"],
+)
+def test_a_delivery_that_lost_its_lease_never_fails_the_job_of_the_new_owner(
+    sqlite_store: ChartStore,
+    model_dir: Path,
+    error: Exception,
+    last_try: bool,
+    result: str,
+) -> None:
+    """A crash or a last retry after a takeover writes nothing to the job."""
+    job_id = _job(sqlite_store)
+    taken_over: list[ClaimedJob] = []
+
+    def fail_after_takeover(_request: CompletionRequest) -> tuple[str, str]:
+        _expire_lease(sqlite_store, job_id)
+        taken_over.append(_claim(sqlite_store, job_id))
+        raise error
+
+    worker = _summarizer(
+        sqlite_store, ScriptedEngine(fail_after_takeover), model_dir, lease_s=60
+    )
+
+    with structlog.testing.capture_logs() as logs:
+        outcome = worker.process_job(job_id, last_try=last_try)
+
+    job = sqlite_store.get_job(job_id)
+    assert (outcome.ran, outcome.state) == (False, "running")
+    assert job is not None
+    assert (job.state, job.lease_owner) == ("running", taken_over[0].lease_owner)
+    assert job.error_code is None
+    discarded = [e for e in logs if e["event"] == "job_result_discarded"]
+    assert [e["result"] for e in discarded] == [result]

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import structlog
 from celery.exceptions import Retry
 
-from pipelines.errors import EngineDeadError, StoreUnavailableError
+from pipelines.engine import CompletionRequest
+from pipelines.errors import (
+    EngineDeadError,
+    EngineUnavailableError,
+    StoreUnavailableError,
+)
+from pipelines.routing import EffectiveContext
 from pipelines.stays import parse_stay_lines
 from pipelines.store import ChartStore
-from tests.helpers import stay_line
+from pipelines.summarize import Summarizer
+from pipelines.tokens import TokenCounter
+from schemas.settings import Settings
+from tests.helpers import ScriptedEngine, stay_line
 from workers import tasks
 
 
@@ -70,36 +82,81 @@ def test_a_database_outage_schedules_a_retry_with_backoff(
     assert job is not None and job.state == "queued"
 
 
+def _real_summarizer(
+    store: ChartStore,
+    model_dir: Path,
+    answer: Callable[[CompletionRequest], tuple[str, str]],
+) -> Summarizer:
+    return Summarizer(
+        settings=Settings(),
+        store=store,
+        engine=ScriptedEngine(answer),
+        tokens=TokenCounter.from_model_dir(model_dir),
+        model_fingerprint="f" * 64,
+        context=EffectiveContext(tokens=8192, source="test"),
+        embedder=lambda: None,
+    )
+
+
+def _raise(error: Exception) -> Callable[[CompletionRequest], tuple[str, str]]:
+    def answer(_request: CompletionRequest) -> tuple[str, str]:
+        raise error
+
+    return answer
+
+
 def test_retries_run_out_into_a_failed_job_with_the_reason(
-    sqlite_store: ChartStore,
+    sqlite_store: ChartStore, model_dir: Path
 ) -> None:
-    """After the last retry the job is failed, saying what kept failing."""
+    """On the last try the job is failed, saying what kept failing."""
     job_id = _job(sqlite_store)
     task = _Task(retries=tasks.MAX_RETRIES)
-    summarizer = _Summarizer(sqlite_store, StoreUnavailableError("db down"))
+    summarizer = _real_summarizer(
+        sqlite_store, model_dir, _raise(EngineUnavailableError("engine down"))
+    )
 
     result = tasks._run(task, summarizer, job_id)  # type: ignore[arg-type]
 
     job = sqlite_store.get_job(job_id)
+    assert task.retried_with is None
     assert result["state"] == "failed"
     assert job is not None and job.error_code == "retries_exhausted"
-    assert "db down" in (job.error or "")
+    assert "engine down" in (job.error or "")
+    assert job.lease_owner is None
 
 
 def test_an_unexpected_exception_fails_only_its_job_without_quoting_it(
-    sqlite_store: ChartStore,
+    sqlite_store: ChartStore, model_dir: Path
 ) -> None:
     """A bug ends the job as internal_error; its message is not copied."""
     job_id = _job(sqlite_store)
     secret = "note text that must not leak"
-    summarizer = _Summarizer(sqlite_store, KeyError(secret))
+    summarizer = _real_summarizer(sqlite_store, model_dir, _raise(KeyError(secret)))
+
+    with structlog.testing.capture_logs() as logs:
+        result = tasks._run(_Task(retries=0), summarizer, job_id)  # type: ignore[arg-type]
+
+    job = sqlite_store.get_job(job_id)
+    assert result["state"] == "failed"
+    assert job is not None and job.error_code == "internal_error"
+    assert secret not in (job.error or "")
+    crashed = [e for e in logs if e["event"] == "job_crashed"]
+    assert [e["error_type"] for e in crashed] == ["KeyError"]
+    assert secret not in repr(logs)
+
+
+def test_a_crash_before_the_claim_still_ends_the_job(
+    sqlite_store: ChartStore,
+) -> None:
+    """A bug outside process_job's claim ends the job at the task boundary."""
+    job_id = _job(sqlite_store)
+    summarizer = _Summarizer(sqlite_store, KeyError("claim bug"))
 
     result = tasks._run(_Task(retries=0), summarizer, job_id)  # type: ignore[arg-type]
 
     job = sqlite_store.get_job(job_id)
     assert result["state"] == "failed"
     assert job is not None and job.error_code == "internal_error"
-    assert secret not in (job.error or "")
 
 
 def test_a_dead_engine_hands_the_job_back_and_shuts_the_worker_down(
@@ -161,3 +218,26 @@ def test_a_message_sent_to_the_backfill_queue_lands_only_there(redis_url: str) -
 
     assert (client.llen(QUEUE_BACKFILL), client.llen(QUEUE_REALTIME)) == (1, 0)
     client.close()
+
+
+def test_a_dead_engine_on_the_last_try_ends_the_job_and_still_shuts_down(
+    sqlite_store: ChartStore, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job fails for good; the worker still restarts for a new engine."""
+    signals: list[int] = []
+    monkeypatch.setattr(tasks.os, "kill", lambda _pid, sig: signals.append(sig))
+    monkeypatch.setattr(tasks, "_engine_died", tasks.threading.Event())
+    job_id = _job(sqlite_store)
+    summarizer = _real_summarizer(
+        sqlite_store, model_dir, _raise(EngineDeadError("engine died"))
+    )
+    task = _Task(retries=tasks.MAX_RETRIES)
+
+    with pytest.raises(EngineDeadError):
+        tasks._run(task, summarizer, job_id)  # type: ignore[arg-type]
+
+    job = sqlite_store.get_job(job_id)
+    assert task.retried_with is None
+    assert signals == [tasks.signal.SIGTERM]
+    assert job is not None
+    assert (job.state, job.error_code) == ("failed", "retries_exhausted")
