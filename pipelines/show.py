@@ -1,7 +1,8 @@
 """Printing a stored summary for a person to read.
 
 Statements that the support check could not back with their cited notes
-are marked ``[unsupported: ...]``, naming the facts it missed.
+are marked ``[unsupported: ...]``, naming the facts it missed, or the
+words of a statement not worded from its notes.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def _support_by_position(
 
 
 def _unsupported_mark(checked: dict[str, Any]) -> str:
-    missing = [f"{m['kind']} {m['text']}" for m in checked.get("missing", [])]
+    missing = [
+        f"words not in cited notes: {m['text']}"
+        if m["kind"] == "words"
+        else f"{m['kind']} {m['text']}"
+        for m in checked.get("missing", [])
+    ]
     missing += [f"unknown note {n}" for n in checked.get("unknown_note_ids", [])]
     return f"[unsupported: {'; '.join(missing) or 'no backing found'}]"

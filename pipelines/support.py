@@ -25,6 +25,14 @@ the text of its cited notes (all cited notes together). Checkable facts:
 Names and terms match as whole words after lower-casing and dropping
 punctuation (``non-small cell`` = ``non small cell``).
 
+Wording: besides its facts, a statement must be worded from its notes. At
+least half of its content words (words of three letters or more that are
+not English function words, compared by their Snowball stem, so
+"started" = "starting") must appear in the cited text. This catches what
+has no checkable fact: filler about the excerpt itself ("The details of
+the excerpt are incomplete.") and invented narrative. A statement with
+fewer than ``MIN_WORDING_WORDS`` content words is not tested on wording.
+
 Limits: this is a necessary check, not a sufficient one. It cannot see
 negation ("no sepsis" passes when the note says "sepsis"), wrong relations
 (a right dose given to the wrong drug, or a right date given to the wrong
@@ -32,22 +40,33 @@ event), numbers written as words, brand names not in the stay's list,
 abbreviations of diagnoses, or facts of kinds not listed above. Numbers
 match anywhere in the cited text, so a small number (``1``, ``2``) is rarely
 caught. Day-first dates (``03/01/2020`` meaning 3 January) are read month
-first. A statement with no checkable fact counts as supported.
+first. The wording test is lexical: a paraphrase in words the note does
+not use fails it, and a false statement built from the note's own words
+("no chest pain" from "chest pain") passes it.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
+import Stemmer
+from bm25s.stopwords import STOPWORDS_EN_PLUS
+
 from pipelines.stays import Chart, ChartNote
 from schemas.summary import DischargeSummary, Statement
 
-FactKind = Literal["dose", "date", "number", "medication", "diagnosis"]
+FactKind = Literal["dose", "date", "number", "medication", "diagnosis", "words"]
+
+#: Share of a statement's content words that its cited text must hold.
+MIN_WORDING_SHARE = 0.5
+#: Statements with fewer content words than this are not tested on wording.
+MIN_WORDING_WORDS = 3
 
 #: Word endings that mark a generic drug name. Checked on words of at least
 #: 6 letters so that short common words ("april") stay out.
@@ -77,6 +96,7 @@ _SALT_WORDS = frozenset(
 )  # fmt: skip
 #: Unit words that lead some displays ("24 HR Metformin...", "1 ML ...").
 _DISPLAY_UNIT_WORDS = frozenset({"actuat", "hr", "meq", "mg", "ml", "unt"})
+_FUNCTION_WORDS = frozenset(STOPWORDS_EN_PLUS)
 _SEMANTIC_TAG = re.compile(r"\s*\([^()]*\)\s*$")
 
 _MONTHS = {
@@ -271,6 +291,38 @@ def extract_facts(text: str, *, vocabulary: Vocabulary = Vocabulary()) -> list[F
     return facts
 
 
+def content_stems(text: str) -> dict[str, str]:
+    """Content words of a text by their Snowball stem (stem -> first word).
+
+    Content words are alphabetic, three letters or more, and not English
+    function words (NLTK's list, as bm25s ships it).
+    """
+    words = [
+        word
+        for word in normalize_text(text).split()
+        if len(word) >= 3 and word.isalpha() and word not in _FUNCTION_WORDS
+    ]
+    stems: dict[str, str] = {}
+    for word, stem in zip(words, _stemmer().stemWords(words), strict=True):
+        stems.setdefault(stem, word)
+    return stems
+
+
+def unfound_words(text: str, evidence_stems: frozenset[str]) -> Fact | None:
+    """The wording fact of a statement, or None when it has too few words.
+
+    Its ``text`` lists the content words the evidence lacks; its
+    ``normal`` is ``found/total``. It is backed when at least
+    ``MIN_WORDING_SHARE`` of the words are found.
+    """
+    stems = content_stems(text)
+    if len(stems) < MIN_WORDING_WORDS:
+        return None
+    unfound = [word for stem, word in stems.items() if stem not in evidence_stems]
+    found = len(stems) - len(unfound)
+    return Fact("words", ", ".join(unfound), f"{found}/{len(stems)}")
+
+
 def check_statement(
     statement: Statement,
     *,
@@ -292,9 +344,19 @@ def check_statement(
     cited = "\n".join(note_texts[i] for i in statement.note_ids if i in note_texts)
     facts = extract_facts(statement.text, vocabulary=vocabulary)
     evidence = _Evidence.of(cited)
-    missing = tuple(fact for fact in facts if not evidence.backs(fact))
+    missing = [fact for fact in facts if not evidence.backs(fact)]
+    wording = unfound_words(statement.text, evidence.stems)
+    if wording is not None:
+        facts.append(wording)
+        if not evidence.backs(wording):
+            missing.append(wording)
     return StatementSupport(
-        statement, tuple(facts), missing, unknown, section=section, index=index
+        statement,
+        tuple(facts),
+        tuple(missing),
+        unknown,
+        section=section,
+        index=index,
     )
 
 
@@ -342,6 +404,7 @@ class _Evidence:
     doses: frozenset[str]
     dates: frozenset[str]
     numbers: frozenset[str]
+    stems: frozenset[str]
 
     @classmethod
     def of(cls, text: str) -> _Evidence:
@@ -359,9 +422,13 @@ class _Evidence:
             doses=frozenset(normal for _, _, normal in _doses(text)),
             dates=frozenset(dates),
             numbers=frozenset(numbers),
+            stems=frozenset(content_stems(text)),
         )
 
     def backs(self, fact: Fact) -> bool:
+        if fact.kind == "words":
+            found, total = (int(n) for n in fact.normal.split("/"))
+            return found >= MIN_WORDING_SHARE * total
         if fact.kind == "dose":
             return fact.normal in self.doses
         if fact.kind == "date":
@@ -369,6 +436,17 @@ class _Evidence:
         if fact.kind == "number":
             return fact.normal in self.numbers
         return f" {fact.normal} " in self.words
+
+
+_local = threading.local()
+
+
+def _stemmer() -> Stemmer.Stemmer:
+    # A PyStemmer object must not be shared between threads.
+    stemmer: Stemmer.Stemmer | None = getattr(_local, "stemmer", None)
+    if stemmer is None:
+        stemmer = _local.stemmer = Stemmer.Stemmer("english")
+    return stemmer
 
 
 def _medications_in(words: str, vocabulary: Vocabulary) -> set[str]:

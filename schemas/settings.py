@@ -205,9 +205,10 @@ class PipelineSettings(BaseModel):
         ge=0.0,
         le=1.0,
         description=(
-            "Least share of statements whose facts appear in their cited"
-            " notes; a summary below it is stored but its job ends"
-            " needs_review, listing the unsupported statements."
+            "Least share of statements supported by their cited notes"
+            " (their facts and most of their words appear there); a summary"
+            " below it is stored but its job ends needs_review, listing the"
+            " unsupported statements."
         ),
     )
     uncalibrated_context_tokens: int = Field(

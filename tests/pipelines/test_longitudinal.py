@@ -131,7 +131,7 @@ def test_a_longitudinal_job_reuses_stored_stay_summaries(
     """Stay a is read from its summary, never from its notes; b and c from notes."""
     # Given stay a has a stored discharge summary
     _three_stays(sqlite_store)
-    statement = f"Diagnosed with {SUMMARY_CANARY} disorder."
+    statement = f"Diagnosed with asthma and {SUMMARY_CANARY} wheeze."
     first = ScriptedEngine(
         lambda _r: (
             summary_json("N1").replace("Admitted for acute bronchitis.", statement),

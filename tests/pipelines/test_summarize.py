@@ -8,10 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from pipelines.engine import CompletionRequest
 from pipelines.errors import EngineUnavailableError
 from pipelines.routing import EffectiveContext
+from pipelines.show import render_summary
 from pipelines.stays import parse_stay_lines
 from pipelines.store import ChartStore
 from pipelines.summarize import Summarizer
@@ -177,6 +179,39 @@ def test_a_supported_summary_stores_its_support_rate(
     assert found is not None
     assert (outcome.state, outcome.support_rate) == (JobState.SUCCEEDED, 1.0)
     assert found[0].support_rate == 1.0
+
+
+def test_filler_is_stored_as_unsupported_and_shown_with_its_words(
+    sqlite_store: ChartStore, model_dir: Path
+) -> None:
+    """A statement with no fact but not worded from its note counts against."""
+    filler = "The details of the excerpt are incomplete."
+    engine = ScriptedEngine(
+        lambda _request: (
+            summary_json("N1", follow_up=[{"text": filler, "note_ids": ["N1"]}]),
+            "stop",
+        )
+    )
+    job_id = _job(sqlite_store)
+
+    outcome = _summarizer(sqlite_store, engine, model_dir).process_job(job_id)
+
+    found = sqlite_store.find_summary(job_id)
+    assert found is not None
+    assert (outcome.state, outcome.support_rate) == (JobState.SUCCEEDED, 0.5)
+    course, follow_up = found[0].support["statements"]
+    assert (course["section"], course["supported"]) == ("hospital_course", True)
+    assert (follow_up["section"], follow_up["supported"]) == ("follow_up", False)
+    assert follow_up["missing"] == [
+        {"kind": "words", "text": "details, excerpt, incomplete"}
+    ]
+    console = Console(record=True, width=200)
+    console.print(render_summary(*found))
+    text = console.export_text()
+    assert (
+        "[unsupported: words not in cited notes: details, excerpt, incomplete]" in text
+    )
+    assert text.count("[unsupported") == 1
 
 
 def test_an_engine_outage_hands_the_job_back_for_a_retry(

@@ -95,7 +95,10 @@ def test_true_statements_are_supported(chemo: Chart, text: str) -> None:
     [
         ("She received cisplatin 75 mg.", ["dose:75 mg"]),
         ("She received carboplatin 50 mg.", ["medication:carboplatin"]),
-        ("She was given ibuprofen for pain.", ["medication:ibuprofen"]),
+        (
+            "Ibuprofen combined with chemotherapy and radiation.",
+            ["medication:ibuprofen"],
+        ),
         ("Seen on 1986-11-05.", ["date:1986-11-05"]),
         ("Seen on 11/05/1986.", ["date:1986-11-05"]),
         ("She is a 61 year-old woman.", ["number:61"]),
@@ -133,6 +136,72 @@ def test_dictated_dates_doses_and_numbers_are_normalized(
 ) -> None:
     """Written dates, units and decimals in a dictated summary match their forms."""
     assert check(lymphoma, text)[0] is supported
+
+
+@pytest.mark.parametrize(
+    ("text", "missing"),
+    [
+        # Statements the embedded model wrote about stays of the corpus
+        # whose cited notes say nothing of the kind.
+        ("The details of the excerpt are incomplete.", "details, excerpt, incomplete"),
+        ("The patient came and what happened.", "came, happened"),
+        ("The patient underwent a cardiopulmonary bypass procedure.", None),
+        ("No allergic reactions reported.", "allergic, reactions"),
+    ],
+)
+def test_statements_not_worded_from_their_notes_are_unsupported(
+    chemo: Chart, text: str, missing: str | None
+) -> None:
+    """Filler and invented narrative have no fact to check but fail on wording."""
+    supported, reasons = check(chemo, text)
+
+    assert not supported
+    [wording] = [r for r in reasons if r.startswith("words:")]
+    found, total = (int(n) for n in wording.removeprefix("words:").split("/"))
+    assert found < total / 2
+    if missing is not None:
+        statement = Statement(text=text, note_ids=[chemo.notes[0].note_id])
+        result = check_statement(
+            statement, note_texts={n.note_id: n.text for n in chemo.notes}
+        )
+        assert [f.text for f in result.missing if f.kind == "words"] == [missing]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Other forms of the note's words: "combined chemotherapy and
+        # radiation therapy", "married".
+        "Chemotherapy combining radiation was given.",
+        "She is a married woman receiving chemotherapy.",
+        # Too few content words to judge the wording.
+        "No allergies.",
+    ],
+)
+def test_wording_from_the_note_in_other_forms_is_supported(
+    chemo: Chart, text: str
+) -> None:
+    """Stems match ("combining" = "combined"); short statements are not judged."""
+    assert check(chemo, text) == (True, [])
+
+
+@given(data=st.data())
+def test_a_statement_made_of_its_notes_words_is_worded_from_them(
+    data: st.DataObject,
+) -> None:
+    """Any sentence of words taken from the cited text passes the wording test."""
+    note_text = (
+        "Patient tolerated cisplatin infusion without nausea; creatinine"
+        " remained stable and she was discharged home with daughter."
+    )
+    words = data.draw(
+        st.lists(st.sampled_from(note_text.replace(";", "").split()), min_size=1)
+    )
+    statement = Statement(text=" ".join(words) + ".", note_ids=["n"])
+
+    result = check_statement(statement, note_texts={"n": note_text})
+
+    assert not [f for f in result.missing if f.kind == "words"]
 
 
 def test_a_statement_citing_an_unknown_note_is_unsupported(chemo: Chart) -> None:
