@@ -47,6 +47,7 @@ not use fails it, and a false statement built from the note's own words
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections.abc import Iterable, Mapping
@@ -56,7 +57,6 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 import Stemmer
-from bm25s.stopwords import STOPWORDS_EN_PLUS
 
 from pipelines.stays import Chart, ChartNote
 from schemas.summary import DischargeSummary, Statement
@@ -96,7 +96,6 @@ _SALT_WORDS = frozenset(
 )  # fmt: skip
 #: Unit words that lead some displays ("24 HR Metformin...", "1 ML ...").
 _DISPLAY_UNIT_WORDS = frozenset({"actuat", "hr", "meq", "mg", "ml", "unt"})
-_FUNCTION_WORDS = frozenset(STOPWORDS_EN_PLUS)
 _SEMANTIC_TAG = re.compile(r"\s*\([^()]*\)\s*$")
 
 _MONTHS = {
@@ -297,10 +296,11 @@ def content_stems(text: str) -> dict[str, str]:
     Content words are alphabetic, three letters or more, and not English
     function words (NLTK's list, as bm25s ships it).
     """
+    function_words = _function_words()
     words = [
         word
         for word in normalize_text(text).split()
-        if len(word) >= 3 and word.isalpha() and word not in _FUNCTION_WORDS
+        if len(word) >= 3 and word.isalpha() and word not in function_words
     ]
     stems: dict[str, str] = {}
     for word, stem in zip(words, _stemmer().stemWords(words), strict=True):
@@ -439,6 +439,16 @@ class _Evidence:
 
 
 _local = threading.local()
+
+
+@functools.cache
+def _function_words() -> frozenset[str]:
+    # Imported here, not at the top: importing bm25s loads numba and
+    # llvmlite, which must stay out of a program's main module imports (see
+    # pipelines.retrieval._words: vLLM's CPU worker then fails to start).
+    from bm25s.stopwords import STOPWORDS_EN_PLUS
+
+    return frozenset(STOPWORDS_EN_PLUS)
 
 
 def _stemmer() -> Stemmer.Stemmer:
