@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import json
 import sys
 import textwrap
 from datetime import UTC, datetime
@@ -14,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from schemas.settings import Settings
+from schemas.tables import JobState, SummaryKind
 
 console = Console()
 
@@ -171,6 +174,74 @@ def status(ctx: click.Context) -> None:
     console.print(f"engine: {_engine_health(settings)}")
 
 
+@click.command()
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([state.value for state in JobState]),
+    help="Only jobs in this state (repeat for several).",
+)
+@click.option("--code", help="Only jobs that ended with this error code.")
+@click.option(
+    "--kind",
+    type=click.Choice([kind.value for kind in SummaryKind]),
+    help="Only discharge or longitudinal jobs.",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object per line instead."
+)
+@click.pass_context
+def jobs(
+    ctx: click.Context,
+    states: tuple[str, ...],
+    code: str | None,
+    kind: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List jobs, newest first: state, route, support rate and error code.
+
+    For example the summaries waiting for a clinician:
+    `chartsum jobs --state needs_review`. Ids in full, for `chartsum show`.
+    """
+    from pipelines.operations import list_jobs
+    from pipelines.runtime import open_store
+
+    store = open_store(_settings(ctx))
+    try:
+        found = list_jobs(store, states=states, error_code=code, kind=kind, limit=limit)
+    finally:
+        store.close()
+    if as_json:
+        for row in found:
+            record = dataclasses.asdict(row)
+            for key in ("created_at", "finished_at"):
+                moment = record[key]
+                record[key] = moment.isoformat() if moment is not None else None
+            click.echo(json.dumps(record))
+        return
+    # Plain columns, one job per line, nothing cut: made to grep and paste.
+    line = "{:<36}  {:<12}  {:<11}  {:>7}  {:<20}  {:<12}  {}"
+    click.echo(
+        line.format("JOB", "STATE", "ROUTE", "SUPPORT", "CODE", "KIND", "SUBJECT")
+    )
+    for row in found:
+        support = "-" if row.support_rate is None else f"{row.support_rate:.2f}"
+        click.echo(
+            line.format(
+                row.job_id,
+                row.state,
+                row.route or "-",
+                support,
+                row.error_code or "-",
+                row.kind,
+                row.subject or "-",
+            )
+        )
+
+
 def _engine_health(settings: Settings) -> str:
     import httpx
 
@@ -255,5 +326,5 @@ def beat(ctx: click.Context) -> None:
 
 def register(cli: Any) -> None:
     """Add the operator commands to the `chartsum` group."""
-    for command in (backfill, status, flower, beat):
+    for command in (backfill, status, jobs, flower, beat):
         cli.add_command(command)

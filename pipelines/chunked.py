@@ -43,7 +43,12 @@ from pipelines.retrieval import (
 from pipelines.stays import Chart, ChartNote
 from pipelines.tokens import TokenCounter, neutralize_special_tokens
 from schemas.settings import PipelineSettings
-from schemas.summary import DischargeSummary, Statement, words_key
+from schemas.summary import (
+    DischargeSummary,
+    Statement,
+    drop_repeated_statements,
+    words_key,
+)
 
 log = structlog.get_logger("chartsum.chunked")
 
@@ -696,7 +701,38 @@ def assemble_discharge(
     Raises:
         CompletionInvalidError: A required section has no valid statement.
     """
-    body: dict[str, Any] = {}
+    sections, failed = section_statements(results, specs=specs, what="chunked route")
+    body = {name: [s.model_dump() for s in found] for name, found in sections.items()}
+    summary = DischargeSummary.model_validate(
+        body, context={"note_ids": set(chart.note_ids)}
+    )
+    return summary, failed
+
+
+def section_statements(
+    results: Mapping[str, SectionResult],
+    *,
+    specs: Sequence[SectionSpec],
+    what: str,
+) -> tuple[dict[str, list[Statement]], list[str]]:
+    """Each section's statements, in spec order, each statement said once.
+
+    A statement repeating one of an earlier section (or its own) is dropped
+    (``drop_repeated_statements``): separate requests for separate sections
+    often return the same sentence from the same excerpt.
+
+    Args:
+        results: The merged statements of each section.
+        specs: The sections, in summary order.
+        what: Names the summary in the error ("chunked route").
+
+    Returns:
+        The statements by section, and the optional sections that failed.
+
+    Raises:
+        CompletionInvalidError: A required section has no valid statement.
+    """
+    found: dict[str, list[Statement]] = {}
     failed = []
     for spec in specs:
         result = results.get(spec.name)
@@ -704,16 +740,18 @@ def assemble_discharge(
         if statements is None:
             failed.append(spec.name)
             statements = []
-        if spec.required and not statements:
+        found[spec.name] = statements
+    sections, dropped = drop_repeated_statements(found)
+    if dropped:
+        log.info("statements_repeated_dropped", statements=dropped)
+    for spec in specs:
+        if spec.required and not sections[spec.name]:
+            result = results.get(spec.name)
             why = "; ".join(result.reasons) if result else "no excerpt retrieved"
             raise CompletionInvalidError(
-                f"chunked route: section {spec.name} has no valid statement ({why})"
+                f"{what}: section {spec.name} has no valid statement ({why})"
             )
-        body[spec.name] = [s.model_dump() for s in statements]
-    summary = DischargeSummary.model_validate(
-        body, context={"note_ids": set(chart.note_ids)}
-    )
-    return summary, failed
+    return sections, failed
 
 
 def stay_preamble(chart: Chart) -> str:

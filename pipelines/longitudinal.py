@@ -27,9 +27,9 @@ from pipelines.chunked import (
     note_label,
     note_sources,
     request_overhead_tokens,
+    section_statements,
 )
 from pipelines.engine import Engine
-from pipelines.errors import CompletionInvalidError
 from pipelines.retrieval import Embedder
 from pipelines.stays import Chart
 from pipelines.support import (
@@ -234,20 +234,9 @@ def assemble_longitudinal(
         CompletionInvalidError: A required section has no valid statement.
     """
     stay_of = stay_of_note(charts)
-    body: dict[str, Any] = {}
-    failed = []
-    for spec in specs:
-        result = results.get(spec.name)
-        statements = result.statements if result is not None else []
-        if statements is None:
-            failed.append(spec.name)
-            statements = []
-        if spec.required and not statements:
-            why = "; ".join(result.reasons) if result else "no excerpt retrieved"
-            raise CompletionInvalidError(
-                f"longitudinal: section {spec.name} has no valid statement ({why})"
-            )
-        body[spec.name] = [
+    sections, failed = section_statements(results, specs=specs, what="longitudinal")
+    body = {
+        name: [
             {
                 "text": s.text,
                 "note_ids": s.note_ids,
@@ -255,6 +244,8 @@ def assemble_longitudinal(
             }
             for s in statements
         ]
+        for name, statements in sections.items()
+    }
     summary = LongitudinalSummary.model_validate(
         body, context={"stay_of_note": stay_of}
     )

@@ -9,13 +9,14 @@ is always safe: the job's lease decides who runs it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 
 from pipelines.store import ChartStore, utcnow
-from schemas.tables import Job, JobState
+from schemas.tables import Job, JobState, Summary
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,66 @@ class FailedJob:
     error_code: str | None
     error: str | None
     finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job as `chartsum jobs` lists it: ids, state and counts only."""
+
+    job_id: str
+    kind: str
+    #: The stay id, or the patient id of a patient-level job.
+    subject: str | None
+    state: str
+    route: str | None
+    support_rate: float | None
+    error_code: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+def list_jobs(
+    store: ChartStore,
+    *,
+    states: Collection[str] = (),
+    error_code: str | None = None,
+    kind: str | None = None,
+    limit: int = 50,
+) -> list[JobRow]:
+    """The newest jobs, filtered, with their summary's support rate.
+
+    Args:
+        store: The database.
+        states: Only jobs in these states; all states when empty.
+        error_code: Only jobs that ended with this code (``low_support``).
+        kind: Only jobs of this kind (``discharge``, ``longitudinal``).
+        limit: Most jobs returned.
+    """
+    query = (
+        select(
+            Job.id,
+            Job.kind,
+            func.coalesce(Job.stay_id, Job.patient_id),
+            Job.state,
+            Job.route,
+            Summary.support_rate,
+            Job.error_code,
+            Job.created_at,
+            Job.finished_at,
+        )
+        .outerjoin(Summary, Summary.job_id == Job.id)
+        .order_by(Job.created_at.desc(), Job.id)
+        .limit(limit)
+    )
+    if states:
+        query = query.where(Job.state.in_(list(states)))
+    if error_code is not None:
+        query = query.where(Job.error_code == error_code)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    with store.session() as session:
+        rows = session.execute(query).all()
+    return [JobRow(*row) for row in rows]
 
 
 def find_stuck_jobs(

@@ -41,7 +41,12 @@ from pipelines.support import SummarySupport, check_summary
 from pipelines.tokens import TokenCounter
 from schemas.longitudinal import SCHEMA_VERSION as LONGITUDINAL_SCHEMA_VERSION
 from schemas.settings import Settings
-from schemas.summary import SCHEMA_VERSION, DischargeSummary, discharge_json_schema
+from schemas.summary import (
+    SCHEMA_VERSION,
+    DischargeSummary,
+    discharge_json_schema,
+    drop_repeated_statements,
+)
 from schemas.tables import JobState, SummaryKind
 
 log = structlog.get_logger("chartsum.job")
@@ -676,6 +681,12 @@ class Summarizer:
                 continue
             finally:
                 _lap(stage_ms, "validate", lap)
+            kept, dropped = drop_repeated_statements(
+                {name: getattr(summary, name) for name in DischargeSummary.model_fields}
+            )
+            if dropped:
+                log.info("statements_repeated_dropped", statements=dropped)
+                summary = summary.model_copy(update=kept)
             return _Generated(summary, completion)
         raise CompletionInvalidError(
             f"no valid summary after {len(reasons)} generation attempts: "

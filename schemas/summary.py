@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Annotated, Any
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Protocol, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -34,9 +35,44 @@ _CLAUSE_BREAK = re.compile(r"(?<=[.;,])\s+")
 _WORD = re.compile(r"\w+")
 
 
+class _Said(Protocol):
+    @property
+    def text(self) -> str: ...
+
+
+T = TypeVar("T", bound=_Said)
+
+
 def words_key(text: str) -> str:
     """Text's words, lowercased and single-spaced: equal for repeats."""
     return " ".join(_WORD.findall(text.lower()))
+
+
+def drop_repeated_statements(
+    sections: Mapping[str, Sequence[T]],
+) -> tuple[dict[str, list[T]], int]:
+    """Sections with each statement said once, and how many were dropped.
+
+    Small models also loop across a summary: one stock sentence in every
+    section ("This stay was a 30 day inpatient stay at the hospital." twelve
+    times). A statement whose words repeat an earlier one (see
+    ``words_key``), in its own section or an earlier one, is dropped; the
+    first copy stays where it was. The first section's first statement is
+    never a repeat, so a required first section keeps one.
+    """
+    seen: set[str] = set()
+    kept: dict[str, list[T]] = {}
+    dropped = 0
+    for name, statements in sections.items():
+        kept[name] = []
+        for statement in statements:
+            key = words_key(statement.text)
+            if key in seen:
+                dropped += 1
+                continue
+            seen.add(key)
+            kept[name].append(statement)
+    return kept, dropped
 
 
 def drop_repeated_clauses(text: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -109,12 +109,14 @@ class ScriptedEngine:
 
 
 def section_answer(
-    text: str = "Admitted for acute bronchitis.",
+    text: str | Mapping[str, str] = "Admitted for acute bronchitis.",
 ) -> Callable[[CompletionRequest], tuple[str, str]]:
     """A script for chunked-route requests: one statement citing the first note.
 
     The section and the allowed note labels are read from the request's
-    JSON schema, as the engine's constrained decoding would.
+    JSON schema, as the engine's constrained decoding would. ``text`` is
+    the statement, or the statement of each section by name (a summary
+    keeps a sentence repeated across sections once).
     """
 
     def answer(request: CompletionRequest) -> tuple[str, str]:
@@ -122,6 +124,7 @@ def section_answer(
         section = request.json_schema["required"][0]
         items = request.json_schema["properties"][section]["items"]
         alias = items["properties"]["note_ids"]["items"]["enum"][0]
-        return json.dumps({section: [{"text": text, "note_ids": [alias]}]}), "stop"
+        said = text if isinstance(text, str) else text[section]
+        return json.dumps({section: [{"text": said, "note_ids": [alias]}]}), "stop"
 
     return answer

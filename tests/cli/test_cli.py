@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,3 +128,43 @@ def test_status_lists_failures_with_full_job_ids_and_whole_words(
     # Shortened at a word, marked, never cut mid-word.
     assert "..." in result.output
     assert result.output.count("unsupp") == result.output.count("unsupported") < 40
+
+
+def test_jobs_lists_the_summaries_waiting_for_review_with_their_support(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """--state needs_review gives those jobs only, newest first, ids in full."""
+    from dataclasses import replace
+
+    from tests.pipelines.test_store import _summary
+
+    _ingest(env, tmp_path / "stays.jsonl", stay_line("a"), stay_line("b"))
+    with _store(env) as store:
+        created = store.create_jobs(kind="discharge", stay_ids=["a", "b"], queue="q")
+        [(review_id, _), (failed_id, _)] = created
+        store.complete_job_for_review(
+            replace(_summary(review_id, "a"), support_rate=0.25),
+            error_code="low_support",
+            error="support rate 0.25 is below 0.50",
+        )
+        store.fail_job(
+            failed_id, state=JobState.FAILED, error_code="stay_not_found", error="x"
+        )
+
+    result = CliRunner().invoke(
+        cli, ["jobs", "--state", "needs_review"], env=env, terminal_width=200
+    )
+    as_json = CliRunner().invoke(cli, ["jobs", "--json"], env=env)
+    by_code = CliRunner().invoke(cli, ["jobs", "--code", "stay_not_found"], env=env)
+
+    assert result.exit_code == 0, result.output
+    assert review_id in result.output
+    assert failed_id not in result.output
+    assert "0.25" in result.output and "low_support" in result.output
+    rows = [json.loads(line) for line in as_json.output.splitlines()]
+    assert {row["job_id"]: row["state"] for row in rows} == {
+        review_id: "needs_review",
+        failed_id: "failed",
+    }
+    assert {row["job_id"]: row["support_rate"] for row in rows}[review_id] == 0.25
+    assert failed_id in by_code.output and review_id not in by_code.output

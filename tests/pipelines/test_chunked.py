@@ -208,14 +208,27 @@ def _varied_chart(notes: int = 6) -> Chart:
 
 
 def _answer_by_part(request):  # type: ignore[no-untyped-def]
-    """One statement naming the request's section part, citing its note."""
+    """One statement naming the request's section and part, citing its note."""
     section = request.json_schema["required"][0]
     items = request.json_schema["properties"][section]["items"]
     alias = items["properties"]["note_ids"]["items"]["enum"][0]
     part = request.request_id.split("-")[-2]
-    return json.dumps({section: [{"note_ids": [alias], "text": f"Part {part}."}]}), (
-        "stop"
-    )
+    return json.dumps(
+        {section: [{"note_ids": [alias], "text": f"{section} {part}."}]}
+    ), ("stop")
+
+
+def test_a_sentence_every_section_returns_is_kept_once_in_the_first(
+    token_counter: TokenCounter,
+) -> None:
+    """Separate section requests giving one sentence: hospital course keeps it."""
+    engine = ScriptedEngine(section_answer("Admitted for acute bronchitis."))
+
+    result = _summarize(_long_chart(), engine, token_counter)
+
+    said = [(name, s.text) for name, _, s in result.summary.statements()]
+    assert said == [("hospital_course", "Admitted for acute bronchitis.")]
+    assert len({r.request_id.split("-")[-3] for r in engine.requests}) > 1
 
 
 def test_a_section_is_written_one_excerpt_per_request_and_merged(
@@ -236,7 +249,9 @@ def test_a_section_is_written_one_excerpt_per_request_and_merged(
         items = request.json_schema["properties"]["discharge_medications"]["items"]
         assert len(items["properties"]["note_ids"]["items"]["enum"]) == 1
     statements = result.summary.discharge_medications
-    assert [s.text for s in statements] == ["Part 0.", "Part 1.", "Part 2.", "Part 3."]
+    assert [s.text for s in statements] == [
+        f"discharge_medications {part}." for part in range(4)
+    ]
     assert len({s.note_ids[0] for s in statements}) == 4
     assert engine.batches == [len(engine.requests)]
 
@@ -262,8 +277,8 @@ def test_one_failing_request_costs_only_its_own_statements(
 
     assert result.failed_sections == []
     assert [s.text for s in result.summary.discharge_medications] == [
-        "Part 0.",
-        "Part 2.",
+        "discharge_medications 0.",
+        "discharge_medications 2.",
     ]
     assert engine.batches[1:] == [1, 1]
 

@@ -146,7 +146,16 @@ def test_a_longitudinal_job_reuses_stored_stay_summaries(
         == JobState.SUCCEEDED
     )
     # When the patient's longitudinal job runs
-    engine = ScriptedEngine(section_answer("Started amoxicillin 500 mg."))
+    engine = ScriptedEngine(
+        section_answer(
+            {
+                "problems": "Started amoxicillin 500 mg.",
+                "medication_changes": "Amoxicillin 500 mg was started.",
+                "key_results_and_procedures": "Amoxicillin 500 mg started.",
+                "open_issues": "Started on amoxicillin 500 mg.",
+            }
+        )
+    )
     [(job_id, created)] = sqlite_store.create_patient_jobs(
         kind="longitudinal", patient_ids=["t-patient-1"], queue="q"
     )

@@ -19,6 +19,7 @@ from pipelines.store import ChartStore
 from pipelines.summarize import Summarizer
 from pipelines.tokens import TokenCounter
 from schemas.settings import Settings
+from schemas.summary import DischargeSummary
 from schemas.tables import JobState
 from tests.helpers import ScriptedEngine, section_answer, stay_line, summary_json
 
@@ -212,6 +213,28 @@ def test_filler_is_stored_as_unsupported_and_shown_with_its_words(
         "[unsupported: words not in cited notes: details, excerpt, incomplete]" in text
     )
     assert text.count("[unsupported") == 1
+
+
+def test_a_statement_repeated_across_sections_is_stored_once(
+    sqlite_store: ChartStore, model_dir: Path
+) -> None:
+    """The single-pass summary keeps the first copy; the check sees it once."""
+    repeated = {"text": "Admitted for acute bronchitis.", "note_ids": ["N1"]}
+    engine = ScriptedEngine(
+        lambda _request: (
+            summary_json("N1", follow_up=[repeated], disposition=[repeated]),
+            "stop",
+        )
+    )
+    job_id = _job(sqlite_store)
+
+    _summarizer(sqlite_store, engine, model_dir).process_job(job_id)
+
+    found = sqlite_store.find_summary(job_id)
+    assert found is not None
+    summary = DischargeSummary.model_validate(found[0].payload)
+    assert [name for name, _, _ in summary.statements()] == ["hospital_course"]
+    assert len(found[0].support["statements"]) == 1
 
 
 def test_an_engine_outage_hands_the_job_back_for_a_retry(

@@ -15,6 +15,8 @@ from schemas.summary import (
     Statement,
     discharge_json_schema,
     drop_repeated_clauses,
+    drop_repeated_statements,
+    words_key,
 )
 from tests.helpers import summary_json
 
@@ -126,3 +128,47 @@ def test_dropping_repeats_keeps_every_distinct_clause_once(clauses: list[str]) -
 
     assert [k.lower() for k in kept] == list(dict.fromkeys(c.lower() for c in clauses))
     assert drop_repeated_clauses(out) == out
+
+
+def _said(text: str) -> Statement:
+    return Statement(text=text, note_ids=["n1"])
+
+
+def test_a_sentence_in_every_section_is_kept_once_where_it_came_first() -> None:
+    """Later copies go, in any case or punctuation; other statements stay."""
+    stock = "This stay was a 30 day inpatient stay."
+    sections = {
+        "hospital_course": [_said("Admitted for pneumonia."), _said(stock)],
+        "discharge_diagnoses": [_said("this stay was a 30-day inpatient stay")],
+        "follow_up": [_said(stock), _said("See the GP in 1 week."), _said(stock)],
+    }
+
+    kept, dropped = drop_repeated_statements(sections)
+
+    assert dropped == 3
+    assert {name: [s.text for s in found] for name, found in kept.items()} == {
+        "hospital_course": ["Admitted for pneumonia.", stock],
+        "discharge_diagnoses": [],
+        "follow_up": ["See the GP in 1 week."],
+    }
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["a", "b", "c"]),
+        st.lists(st.sampled_from(["One.", "one", "Two!", "Three x.", "four"])),
+    )
+)
+def test_each_statement_is_said_once_in_first_seen_order(
+    texts: dict[str, list[str]],
+) -> None:
+    """Every distinct statement survives exactly once; a second pass drops none."""
+    sections = {name: [_said(t) for t in found] for name, found in texts.items()}
+
+    kept, dropped = drop_repeated_statements(sections)
+
+    flat = [words_key(s.text) for found in kept.values() for s in found]
+    every = [words_key(t) for found in texts.values() for t in found]
+    assert flat == list(dict.fromkeys(every))
+    assert dropped == len(every) - len(flat)
+    assert drop_repeated_statements(kept)[1] == 0
