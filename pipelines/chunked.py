@@ -41,6 +41,7 @@ from pipelines.retrieval import (
     retrieve_for_sections,
 )
 from pipelines.stays import Chart, ChartNote
+from pipelines.support import has_checkable_fact
 from pipelines.tokens import TokenCounter, neutralize_special_tokens
 from schemas.settings import PipelineSettings
 from schemas.summary import (
@@ -741,9 +742,11 @@ def section_statements(
             failed.append(spec.name)
             statements = []
         found[spec.name] = statements
-    sections, dropped = drop_repeated_statements(found)
+    sections, dropped = drop_repeated_statements(
+        found, may_repeat=lambda statement: has_checkable_fact(statement.text)
+    )
     if dropped:
-        log.info("statements_repeated_dropped", statements=dropped)
+        log.info("duplicate_statements_dropped", statements=dropped)
     for spec in specs:
         if spec.required and not sections[spec.name]:
             result = results.get(spec.name)

@@ -463,6 +463,7 @@ class ChartStore:
         error_code: str,
         error: str,
         owner: str | None = None,
+        unleased_only: bool = False,
     ) -> bool:
         """End a job that cannot succeed, with a reason an operator can act on.
 
@@ -474,6 +475,8 @@ class ChartStore:
             owner: The lease owner of the delivery ending it. When given,
                 the job is ended only while that delivery holds its lease;
                 None ends any job that is not final yet.
+            unleased_only: With no owner, end the job only while no delivery
+                holds a live lease on it (queued, or its lease ran out).
 
         Returns:
             True if this call ended the job.
@@ -486,6 +489,7 @@ class ChartStore:
                 state=state,
                 error_code=error_code,
                 error=error[:2000],
+                unleased_only=unleased_only,
             )
 
     def get_job(self, job_id: str) -> Job | None:
@@ -771,19 +775,23 @@ def _end_job(
     state: JobState,
     error_code: str | None,
     error: str | None,
+    unleased_only: bool = False,
 ) -> bool:
     """Set a job's final state; True if this call did.
 
     With an owner, only a running job whose lease that owner still holds is
     ended, so a delivery that lost its lease cannot overwrite the outcome
-    of the one that took over.
+    of the one that took over. ``unleased_only`` (without an owner) spares
+    a job some delivery holds a live lease on.
     """
+    now = utcnow()
     query = update(Job).where(Job.id == job_id)
     if owner is None:
         query = query.where(Job.state.not_in(list(FINAL_STATES)))
+        if unleased_only:
+            query = query.where(Job.lease_owner.is_(None) | (Job.lease_until < now))
     else:
         query = query.where(Job.state == JobState.RUNNING, Job.lease_owner == owner)
-    now = utcnow()
     result = session.execute(
         query.values(
             state=state,

@@ -37,7 +37,7 @@ from pipelines.retrieval import Embedder
 from pipelines.routing import EffectiveContext, Route, RouteDecision, choose_route
 from pipelines.stays import Chart
 from pipelines.store import ChartStore, ClaimedJob, NewSummary
-from pipelines.support import SummarySupport, check_summary
+from pipelines.support import SummarySupport, check_summary, has_checkable_fact
 from pipelines.tokens import TokenCounter
 from schemas.longitudinal import SCHEMA_VERSION as LONGITUDINAL_SCHEMA_VERSION
 from schemas.settings import Settings
@@ -301,8 +301,11 @@ class Summarizer:
         Raises:
             RetryableError: The engine or database failed in a way that may
                 pass; the job is back in the queue and the caller retries.
-                On the last try only EngineDeadError is raised, after the job
-                ended, so the worker still restarts.
+                On the last try the job is ended instead, and only two
+                errors are raised: EngineDeadError (so the worker still
+                restarts) and StoreUnavailableError when the database failed
+                the final write too (the job's lease runs out and the sweeper
+                sends it again).
         """
         started = time.perf_counter()
         claim = self.store.claim_job(
@@ -333,7 +336,12 @@ class Summarizer:
             gave_up = RetriesExhaustedError(
                 f"gave up after {claim.attempt} tries: {exc}"
             )
-            outcome = self._end_permanently(claim, gave_up, started)
+            try:
+                outcome = self._end_permanently(claim, gave_up, started)
+            except RetryableError:
+                if isinstance(exc, EngineDeadError):
+                    raise exc from None  # the worker must still restart
+                raise
             if isinstance(exc, EngineDeadError):
                 raise
         except Exception as exc:
@@ -682,10 +690,14 @@ class Summarizer:
             finally:
                 _lap(stage_ms, "validate", lap)
             kept, dropped = drop_repeated_statements(
-                {name: getattr(summary, name) for name in DischargeSummary.model_fields}
+                {
+                    name: getattr(summary, name)
+                    for name in DischargeSummary.model_fields
+                },
+                may_repeat=lambda statement: has_checkable_fact(statement.text),
             )
             if dropped:
-                log.info("statements_repeated_dropped", statements=dropped)
+                log.info("duplicate_statements_dropped", statements=dropped)
                 summary = summary.model_copy(update=kept)
             return _Generated(summary, completion)
         raise CompletionInvalidError(

@@ -27,7 +27,7 @@ punctuation (``non-small cell`` = ``non small cell``).
 
 Wording: besides its facts, a statement must be worded from its notes. At
 least half of its content words (words of three letters or more that are
-not English function words, compared by their Snowball stem, so
+not English function words, counted once per Snowball stem, so
 "started" = "starting") must appear in the cited text. This catches what
 has no checkable fact: filler about the excerpt itself ("The details of
 the excerpt are incomplete.") and invented narrative. A statement with
@@ -290,6 +290,15 @@ def extract_facts(text: str, *, vocabulary: Vocabulary = Vocabulary()) -> list[F
     return facts
 
 
+def has_checkable_fact(text: str) -> bool:
+    """Whether a text holds a dose, date, number or drug name.
+
+    Without a stay's vocabulary: the drug names are the common ones and
+    those with a drug-name suffix.
+    """
+    return bool(extract_facts(text))
+
+
 def content_stems(text: str) -> dict[str, str]:
     """Content words of a text by their Snowball stem (stem -> first word).
 
@@ -439,6 +448,16 @@ class _Evidence:
 
 
 _local = threading.local()
+#: Function words NLTK's list lacks; as content words they would count
+#: against a faithful statement.
+_MORE_FUNCTION_WORDS = frozenset(
+    {
+        "also", "although", "among", "could", "either", "however", "may",
+        "might", "must", "neither", "per", "shall", "since", "though",
+        "thus", "unless", "upon", "via", "whether", "within", "without",
+        "would", "yet",
+    }
+)  # fmt: skip
 
 
 @functools.cache
@@ -448,7 +467,7 @@ def _function_words() -> frozenset[str]:
     # pipelines.retrieval._words: vLLM's CPU worker then fails to start).
     from bm25s.stopwords import STOPWORDS_EN_PLUS
 
-    return frozenset(STOPWORDS_EN_PLUS)
+    return frozenset(STOPWORDS_EN_PLUS) | _MORE_FUNCTION_WORDS
 
 
 def _stemmer() -> Stemmer.Stemmer:

@@ -206,7 +206,8 @@ class PipelineSettings(BaseModel):
         le=1.0,
         description=(
             "Least share of statements supported by their cited notes"
-            " (their facts and most of their words appear there); a summary"
+            " (their facts and at least half their words appear there); a"
+            " summary"
             " below it is stored but its job ends needs_review, listing the"
             " unsupported statements."
         ),

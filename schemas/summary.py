@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Protocol, TypeVar
 
 from pydantic import (
@@ -50,27 +50,33 @@ def words_key(text: str) -> str:
 
 def drop_repeated_statements(
     sections: Mapping[str, Sequence[T]],
+    *,
+    may_repeat: Callable[[T], bool] = lambda _statement: False,
 ) -> tuple[dict[str, list[T]], int]:
     """Sections with each statement said once, and how many were dropped.
 
     Small models also loop across a summary: one stock sentence in every
     section ("This stay was a 30 day inpatient stay at the hospital." twelve
     times). A statement whose words repeat an earlier one (see
-    ``words_key``), in its own section or an earlier one, is dropped; the
-    first copy stays where it was. The first section's first statement is
-    never a repeat, so a required first section keeps one.
+    ``words_key``) of its own section is dropped, and so is one repeating a
+    statement of an earlier section unless ``may_repeat`` allows it: a
+    dose written under hospital course belongs under discharge medications
+    too. The first copy stays where it was, so a required first section
+    keeps its first statement.
     """
-    seen: set[str] = set()
+    everywhere: set[str] = set()
     kept: dict[str, list[T]] = {}
     dropped = 0
     for name, statements in sections.items():
+        here: set[str] = set()
         kept[name] = []
         for statement in statements:
             key = words_key(statement.text)
-            if key in seen:
+            if key in here or (key in everywhere and not may_repeat(statement)):
                 dropped += 1
                 continue
-            seen.add(key)
+            here.add(key)
+            everywhere.add(key)
             kept[name].append(statement)
     return kept, dropped
 

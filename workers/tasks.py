@@ -188,9 +188,10 @@ def _run(task: Task, summarizer: Summarizer, job_id: str) -> dict[str, Any]:
         log.warning("job_retry_scheduled", delay_s=delay_s, retries=retries)
         raise task.retry(exc=exc, countdown=delay_s) from None
     except Exception as exc:
-        # A bug before the job was claimed (process_job ends its own claimed
-        # jobs): end this job, keep the worker and the rest of the queue
-        # going. Frames only: the exception's message could quote input.
+        # A bug outside the claimed part of process_job (which ends its own
+        # claimed jobs): end this job unless a delivery holds a live lease
+        # on it, and keep the worker and the rest of the queue going.
+        # Frames only: the exception's message could quote input.
         log.error(
             "job_crashed",
             error_type=type(exc).__name__,
@@ -204,6 +205,7 @@ def _run(task: Task, summarizer: Summarizer, job_id: str) -> dict[str, Any]:
                 f"internal error ({type(exc).__name__}); see the worker log"
                 f" for job {job_id}"
             ),
+            unleased_only=True,
         )
         return {"job_id": job_id, "state": JobState.FAILED, "ran": True}
     return outcome.as_result()

@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import update
 
 from chartsum.cli import cli
 from pipelines.errors import ModelPrepareError
 from pipelines.runtime import open_store
 from pipelines.store import ChartStore
 from schemas.settings import Settings
-from schemas.tables import JobState
+from schemas.tables import Job, JobState
 from tests.helpers import stay_line
 
 
@@ -168,3 +170,33 @@ def test_jobs_lists_the_summaries_waiting_for_review_with_their_support(
     }
     assert {row["job_id"]: row["support_rate"] for row in rows}[review_id] == 0.25
     assert failed_id in by_code.output and review_id not in by_code.output
+
+
+def test_jobs_are_listed_newest_first_and_narrowed_by_kind_and_limit(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """--limit keeps the newest; --kind longitudinal keeps patient jobs only."""
+    _ingest(env, tmp_path / "stays.jsonl", stay_line("a"), stay_line("b"))
+    with _store(env) as store:
+        [(first, _)] = store.create_jobs(kind="discharge", stay_ids=["a"], queue="q")
+        [(second, _)] = store.create_jobs(kind="discharge", stay_ids=["b"], queue="q")
+        [(patient, _)] = store.create_patient_jobs(
+            kind="longitudinal", patient_ids=["t-patient-1"], queue="q"
+        )
+        # SQLite's clock has whole seconds: space the jobs out by hand.
+        with store.engine.begin() as conn:
+            for minutes, job_id in enumerate([first, second, patient]):
+                conn.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(created_at=datetime(2026, 1, 1, 0, minutes, tzinfo=UTC))
+                )
+
+    def listed(*args: str) -> list[str]:
+        result = CliRunner().invoke(cli, ["jobs", "--json", *args], env=env)
+        assert result.exit_code == 0, result.output
+        return [json.loads(line)["job_id"] for line in result.output.splitlines()]
+
+    assert listed() == [patient, second, first]
+    assert listed("--limit", "2") == [patient, second]
+    assert listed("--kind", "longitudinal") == [patient]

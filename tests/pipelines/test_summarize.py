@@ -218,11 +218,17 @@ def test_filler_is_stored_as_unsupported_and_shown_with_its_words(
 def test_a_statement_repeated_across_sections_is_stored_once(
     sqlite_store: ChartStore, model_dir: Path
 ) -> None:
-    """The single-pass summary keeps the first copy; the check sees it once."""
+    """A statement without facts is kept once; one with a dose once per section."""
     repeated = {"text": "Admitted for acute bronchitis.", "note_ids": ["N1"]}
+    dose = {"text": "Started amoxicillin 500 mg.", "note_ids": ["N1"]}
     engine = ScriptedEngine(
         lambda _request: (
-            summary_json("N1", follow_up=[repeated], disposition=[repeated]),
+            summary_json(
+                "N1",
+                discharge_medications=[dose, dose],
+                follow_up=[repeated, dose],
+                disposition=[repeated],
+            ),
             "stop",
         )
     )
@@ -233,8 +239,13 @@ def test_a_statement_repeated_across_sections_is_stored_once(
     found = sqlite_store.find_summary(job_id)
     assert found is not None
     summary = DischargeSummary.model_validate(found[0].payload)
-    assert [name for name, _, _ in summary.statements()] == ["hospital_course"]
-    assert len(found[0].support["statements"]) == 1
+    # The stock sentence once; the dose once per section it was put in.
+    assert [(name, s.text) for name, _, s in summary.statements()] == [
+        ("hospital_course", "Admitted for acute bronchitis."),
+        ("discharge_medications", "Started amoxicillin 500 mg."),
+        ("follow_up", "Started amoxicillin 500 mg."),
+    ]
+    assert len(found[0].support["statements"]) == 3
 
 
 def test_an_engine_outage_hands_the_job_back_for_a_retry(

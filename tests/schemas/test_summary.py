@@ -172,3 +172,19 @@ def test_each_statement_is_said_once_in_first_seen_order(
     assert flat == list(dict.fromkeys(every))
     assert dropped == len(every) - len(flat)
     assert drop_repeated_statements(kept)[1] == 0
+
+
+def test_a_statement_with_a_fact_may_repeat_in_another_section() -> None:
+    """A dose under hospital course stays under discharge medications too."""
+    dose = "Started metoprolol 25 mg daily."
+    sections = {
+        "hospital_course": [_said(dose)],
+        "discharge_medications": [_said(dose), _said(dose)],
+    }
+
+    kept, dropped = drop_repeated_statements(
+        sections, may_repeat=lambda statement: "mg" in statement.text
+    )
+
+    assert dropped == 1
+    assert [s.text for s in kept["discharge_medications"]] == [dose]

@@ -241,3 +241,47 @@ def test_a_dead_engine_on_the_last_try_ends_the_job_and_still_shuts_down(
     assert signals == [tasks.signal.SIGTERM]
     assert job is not None
     assert (job.state, job.error_code) == ("failed", "retries_exhausted")
+
+
+@pytest.mark.parametrize("error", [EngineUnavailableError, EngineDeadError])
+def test_a_database_down_at_the_last_write_leaves_the_job_to_the_sweeper(
+    sqlite_store: ChartStore,
+    model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: type[Exception],
+) -> None:
+    """No retry is scheduled; a dead engine is still reported, so it restarts."""
+    monkeypatch.setattr(tasks.os, "kill", lambda _pid, _sig: None)
+    monkeypatch.setattr(tasks, "_engine_died", tasks.threading.Event())
+    job_id = _job(sqlite_store)
+    summarizer = _real_summarizer(sqlite_store, model_dir, _raise(error("down")))
+
+    def database_down(*_args: Any, **_kwargs: Any) -> bool:
+        raise StoreUnavailableError("database down")
+
+    monkeypatch.setattr(sqlite_store, "fail_job", database_down)
+    task = _Task(retries=tasks.MAX_RETRIES)
+
+    with pytest.raises(error if error is EngineDeadError else StoreUnavailableError):
+        tasks._run(task, summarizer, job_id)  # type: ignore[arg-type]
+
+    job = sqlite_store.get_job(job_id)
+    assert task.retried_with is None
+    assert job is not None and job.state == "running"
+    assert tasks.engine_died() is (error is EngineDeadError)
+
+
+def test_a_crash_outside_the_claim_spares_a_job_another_delivery_holds(
+    sqlite_store: ChartStore,
+) -> None:
+    """The task-level fallback ends only jobs no live lease protects."""
+    job_id = _job(sqlite_store)
+    held = sqlite_store.claim_job(job_id, lease_s=600)
+    assert held is not None
+    summarizer = _Summarizer(sqlite_store, KeyError("claim bug"))
+
+    tasks._run(_Task(retries=0), summarizer, job_id)  # type: ignore[arg-type]
+
+    job = sqlite_store.get_job(job_id)
+    assert job is not None
+    assert (job.state, job.lease_owner) == ("running", held.lease_owner)
