@@ -59,12 +59,13 @@ def drop_repeated_statements(
     section ("This stay was a 30 day inpatient stay at the hospital." twelve
     times). A statement whose words repeat an earlier one (see
     ``words_key``) of its own section is dropped, and so is one repeating a
-    statement of an earlier section unless ``may_repeat`` allows it: a
-    dose written under hospital course belongs under discharge medications
-    too. The first copy stays where it was, so a required first section
+    statement of an earlier section, unless ``may_repeat`` allows it and no
+    other section has it yet: a dose written under hospital course belongs
+    under discharge medications too, but a sentence in three sections is a
+    loop. The first copy stays where it was, so a required first section
     keeps its first statement.
     """
-    everywhere: set[str] = set()
+    sections_of: dict[str, int] = {}
     kept: dict[str, list[T]] = {}
     dropped = 0
     for name, statements in sections.items():
@@ -72,11 +73,12 @@ def drop_repeated_statements(
         kept[name] = []
         for statement in statements:
             key = words_key(statement.text)
-            if key in here or (key in everywhere and not may_repeat(statement)):
+            earlier = sections_of.get(key, 0)
+            if key in here or (earlier and (earlier > 1 or not may_repeat(statement))):
                 dropped += 1
                 continue
             here.add(key)
-            everywhere.add(key)
+            sections_of[key] = earlier + 1
             kept[name].append(statement)
     return kept, dropped
 
