@@ -128,6 +128,8 @@ class Job(Base):
         Index("ix_jobs_state_kind", "state", "kind"),
         Index("ix_jobs_stay_kind", "stay_id", "kind"),
         Index("ix_jobs_state_updated", "state", "updated_at"),
+        # `chartsum jobs`: newest first.
+        Index("ix_jobs_created", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
