@@ -117,7 +117,7 @@ def _job_log_to(path: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            handler.setStream(sys.stdout)
+            handler.setStream(sys.stderr)
             configure_logging(LoggingSettings(level="WARNING", json_logs=False))
 
 

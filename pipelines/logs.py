@@ -80,7 +80,9 @@ def configure_logging(settings: LoggingSettings) -> None:
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stdout if json_logs else sys.stderr)
+    # Always stderr: stdout is for what a command prints (`chartsum jobs
+    # --json`, `chartsum show --json`), which logs must not interleave.
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

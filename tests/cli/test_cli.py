@@ -163,7 +163,7 @@ def test_jobs_lists_the_summaries_waiting_for_review_with_their_support(
     assert review_id in result.output
     assert failed_id not in result.output
     assert "0.25" in result.output and "low_support" in result.output
-    rows = [json.loads(line) for line in as_json.output.splitlines()]
+    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert {row["job_id"]: row["state"] for row in rows} == {
         review_id: "needs_review",
         failed_id: "failed",
@@ -195,8 +195,38 @@ def test_jobs_are_listed_newest_first_and_narrowed_by_kind_and_limit(
     def listed(*args: str) -> list[str]:
         result = CliRunner().invoke(cli, ["jobs", "--json", *args], env=env)
         assert result.exit_code == 0, result.output
-        return [json.loads(line)["job_id"] for line in result.output.splitlines()]
+        return [json.loads(line)["job_id"] for line in result.stdout.splitlines()]
 
     assert listed() == [patient, second, first]
     assert listed("--limit", "2") == [patient, second]
     assert listed("--kind", "longitudinal") == [patient]
+
+
+def test_logs_go_to_stderr_so_piped_output_stays_clean(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """`chartsum route` warns model_not_calibrated on stderr; stdout is its answer."""
+    import subprocess
+    import sys
+
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "CHARTSUM_DATA_DIR": str(tmp_path / "data"),
+        "CHARTSUM_VLLM__MODEL_DIR": str(model_dir),
+    }
+    _ingest(env, tmp_path / "stays.jsonl", stay_line("a"))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "chartsum", "route", "a"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+
+    assert result.stdout.startswith("stay a: 1 notes")
+    assert "model_not_calibrated" not in result.stdout
+    warnings = [json.loads(line) for line in result.stderr.splitlines() if "{" in line]
+    assert "model_not_calibrated" in {line.get("event") for line in warnings}
