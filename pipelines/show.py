@@ -85,7 +85,11 @@ def _support_by_position(
 
 def _unsupported_mark(checked: dict[str, Any]) -> str:
     missing = [
-        f"words not in cited notes: {m['text']}"
+        (
+            f"words not in cited notes: {m['text']}"
+            if m["text"]
+            else "nothing the notes could back"
+        )
         if m["kind"] == "words"
         else f"{m['kind']} {m['text']}"
         for m in checked.get("missing", [])

@@ -30,8 +30,12 @@ least half of its content words (words of three letters or more that are
 not English function words, counted once per Snowball stem, so
 "started" = "starting") must appear in the cited text. This catches what
 has no checkable fact: filler about the excerpt itself ("The details of
-the excerpt are incomplete.") and invented narrative. A statement with
-fewer than ``MIN_WORDING_WORDS`` content words is not tested on wording.
+the excerpt are incomplete.") and invented narrative. A statement with no
+checkable fact is judged on wording down to one word ("Foemma.",
+"Cesarean section"); one with facts, from ``MIN_WORDING_WORDS`` content
+words up ("Seen on 11/04/1986." rests on its date). A statement with
+neither a fact nor a content word ("no", "N/A") says nothing a note could
+back, and is unsupported too. Month names belong to dates, not wording.
 
 Limits: this is a necessary check, not a sufficient one. It cannot see
 negation ("no sepsis" passes when the note says "sepsis"), wrong relations
@@ -65,7 +69,8 @@ FactKind = Literal["dose", "date", "number", "medication", "diagnosis", "words"]
 
 #: Share of a statement's content words that its cited text must hold.
 MIN_WORDING_SHARE = 0.5
-#: Statements with fewer content words than this are not tested on wording.
+#: A statement with checkable facts is judged on wording from this many
+#: content words; one without facts always is.
 MIN_WORDING_WORDS = 3
 
 #: Word endings that mark a generic drug name. Checked on words of at least
@@ -309,7 +314,10 @@ def content_stems(text: str) -> dict[str, str]:
     words = [
         word
         for word in normalize_text(text).split()
-        if len(word) >= 3 and word.isalpha() and word not in function_words
+        if len(word) >= 3
+        and word.isalpha()
+        and word not in function_words
+        and word not in _MONTHS
     ]
     stems: dict[str, str] = {}
     for word, stem in zip(words, _stemmer().stemWords(words), strict=True):
@@ -317,16 +325,15 @@ def content_stems(text: str) -> dict[str, str]:
     return stems
 
 
-def unfound_words(text: str, evidence_stems: frozenset[str]) -> Fact | None:
-    """The wording fact of a statement, or None when it has too few words.
+def unfound_words(text: str, evidence_stems: frozenset[str]) -> Fact:
+    """The wording fact of a statement.
 
     Its ``text`` lists the content words the evidence lacks; its
     ``normal`` is ``found/total``. It is backed when at least
-    ``MIN_WORDING_SHARE`` of the words are found.
+    ``MIN_WORDING_SHARE`` of the words are found, and never when there are
+    none (``0/0``: the statement says nothing to find).
     """
     stems = content_stems(text)
-    if len(stems) < MIN_WORDING_WORDS:
-        return None
     unfound = [word for stem, word in stems.items() if stem not in evidence_stems]
     found = len(stems) - len(unfound)
     return Fact("words", ", ".join(unfound), f"{found}/{len(stems)}")
@@ -355,7 +362,9 @@ def check_statement(
     evidence = _Evidence.of(cited)
     missing = [fact for fact in facts if not evidence.backs(fact)]
     wording = unfound_words(statement.text, evidence.stems)
-    if wording is not None:
+    words = int(wording.normal.split("/")[1])
+    # A short statement of facts ("Seen on 2020-01-03.") rests on them.
+    if not facts or words >= MIN_WORDING_WORDS:
         facts.append(wording)
         if not evidence.backs(wording):
             missing.append(wording)
@@ -437,7 +446,7 @@ class _Evidence:
     def backs(self, fact: Fact) -> bool:
         if fact.kind == "words":
             found, total = (int(n) for n in fact.normal.split("/"))
-            return found >= MIN_WORDING_SHARE * total
+            return total > 0 and found >= MIN_WORDING_SHARE * total
         if fact.kind == "dose":
             return fact.normal in self.doses
         if fact.kind == "date":

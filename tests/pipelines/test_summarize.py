@@ -215,6 +215,28 @@ def test_filler_is_stored_as_unsupported_and_shown_with_its_words(
     assert text.count("[unsupported") == 1
 
 
+def test_a_summary_that_says_nothing_ends_needs_review(
+    sqlite_store: ChartStore, model_dir: Path
+) -> None:
+    """A whole summary of "no" has nothing a note backs: rate 0, flagged."""
+    engine = ScriptedEngine(
+        lambda _request: (
+            summary_json("N1").replace("Admitted for acute bronchitis.", "no"),
+            "stop",
+        )
+    )
+    job_id = _job(sqlite_store)
+
+    outcome = _summarizer(sqlite_store, engine, model_dir).process_job(job_id)
+
+    found = sqlite_store.find_summary(job_id)
+    assert found is not None
+    assert (outcome.state, outcome.support_rate) == (JobState.NEEDS_REVIEW, 0.0)
+    console = Console(record=True, width=200)
+    console.print(render_summary(*found))
+    assert "[unsupported: nothing the notes could back]" in console.export_text()
+
+
 def test_a_statement_repeated_across_sections_is_stored_once(
     sqlite_store: ChartStore, model_dir: Path
 ) -> None:
