@@ -13,11 +13,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.stay import StayRecord
+from schemas.stay import ID_PATTERN, StayRecord
 
 # NUL and other C0/C1 control characters have no meaning in a note and
 # PostgreSQL cannot store NUL; tab, newline and carriage return are kept.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+#: Bytes that are not UTF-8, as ``surrogateescape`` decoding keeps them.
+_UNDECODED = re.compile("[\udc80-\udcff]")
+_ID = re.compile(ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,15 @@ def parse_stay_lines(lines: Iterable[str]) -> ParsedStays:
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
+        undecoded = _UNDECODED.search(raw)
+        if undecoded is not None:
+            byte = ord(undecoded.group()) - 0xDC00
+            reason = (
+                f"not UTF-8 (byte 0x{byte:02x} at column {undecoded.start() + 1});"
+                " export the file as UTF-8"
+            )
+            parsed.errors.append(LineError(number, "<line>", reason))
+            continue
         for record, error, removed in _parse_records(number, raw):
             parsed.removed_control_chars += removed
             if error is not None:
@@ -138,7 +150,9 @@ def parse_stay_lines(lines: Iterable[str]) -> ParsedStays:
 def read_stays_file(path: Path) -> ParsedStays:
     """Parse a JSON-lines file of stays (see parse_stay_lines)."""
     # utf-8-sig: exports from Windows tools often begin with a byte-order mark.
-    with path.open(encoding="utf-8-sig", errors="replace") as lines:
+    # surrogateescape: a line that is not UTF-8 (a latin-1 "µg") is
+    # rejected with its position, not loaded with the character replaced.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as lines:
         return parse_stay_lines(lines)
 
 
@@ -221,9 +235,9 @@ def _parse_records(
 ) -> list[tuple[StayRecord | None, LineError | None, int]]:
     """One line's stays: one for a stay line, one per visit for a longitudinal one."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
-        reason = f"not valid JSON ({exc.msg} at column {exc.colno})"
+        reason = f"not valid JSON: {exc.msg} (column {exc.colno})"
         return [(None, LineError(number, "<line>", reason), 0)]
     if isinstance(data, dict) and data.get("record_kind") == "longitudinal_record":
         return [_parse_data(number, stay) for stay in stays_from_longitudinal(data)]
@@ -235,7 +249,11 @@ def _parse_data(
 ) -> tuple[StayRecord | None, LineError | None, int]:
     if not isinstance(data, dict):
         return None, LineError(number, "<line>", "not a JSON object"), 0
-    stay_id = data.get("stay_id") if isinstance(data.get("stay_id"), str) else None
+    # Named in the error only when it looks like an id: a malformed one
+    # could be anything, note text included.
+    stay_id = data.get("stay_id")
+    if not isinstance(stay_id, str) or not _ID.fullmatch(stay_id):
+        stay_id = None
     removed = _clean_notes(data)
     try:
         record = StayRecord.model_validate(data)

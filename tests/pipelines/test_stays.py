@@ -72,6 +72,52 @@ def test_an_id_with_control_characters_is_rejected_not_cleaned() -> None:
 
     assert parsed.stays == []
     assert parsed.errors[0].field == "stay_id"
+    assert "\x00" not in str(parsed.errors[0])
+
+
+def test_a_malformed_stay_id_is_not_echoed_in_the_error() -> None:
+    """It could be anything, a pasted note included: the error names the line."""
+    pasted = "Pt_reports_chest_pain_radiating_to_left_arm_" * 10
+
+    parsed = parse_stay_lines([stay_line(pasted)])
+
+    [error] = parsed.errors
+    assert (error.line, error.field, error.stay_id) == (1, "stay_id", None)
+    assert "chest" not in str(error)
+
+
+def test_a_line_that_is_not_utf8_is_rejected_with_the_byte_and_column(
+    tmp_path: Path,
+) -> None:
+    """A latin-1 "µg" is not loaded as a replacement character; others load."""
+    latin1 = json.dumps(stay_dict("b"), ensure_ascii=False).replace("500 mg", "500 µg")
+    assert "µg" in latin1
+    path = tmp_path / "stays.jsonl"
+    path.write_bytes(
+        f"{stay_line('a')}\n".encode()
+        + f"{latin1}\n".encode("latin-1")
+        + f"{stay_line('c')}\n".encode()
+    )
+
+    parsed = read_stays_file(path)
+
+    assert [s.stay_id for s in parsed.stays] == ["a", "c"]
+    [error] = parsed.errors
+    column = latin1.index("µ") + 1
+    assert error.line == 2
+    assert error.reason == (
+        f"not UTF-8 (byte 0xb5 at column {column}); export the file as UTF-8"
+    )
+
+
+def test_a_cut_off_line_names_the_column_where_json_broke() -> None:
+    """The message reads plainly and points into the line, not past it."""
+    parsed = parse_stay_lines(['{"stay_id": "abc\n'])
+
+    [error] = parsed.errors
+    assert error.reason == (
+        "not valid JSON: Unterminated string starting at (column 13)"
+    )
 
 
 def test_duplicate_stay_ids_with_different_content_are_an_error() -> None:
