@@ -190,6 +190,11 @@ def status(ctx: click.Context) -> None:
 )
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option(
+    "--latest",
+    is_flag=True,
+    help="Only the newest job of each stay or patient (skip re-summarized ones).",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="One JSON object per line instead."
 )
 @click.pass_context
@@ -199,19 +204,28 @@ def jobs(
     code: str | None,
     kind: str | None,
     limit: int,
+    latest: bool,
     as_json: bool,
 ) -> None:
     """List jobs, newest first: state, route, support rate and error code.
 
     For example the summaries waiting for a clinician:
-    `chartsum jobs --state needs_review`. Ids in full, for `chartsum show`.
+    `chartsum jobs --latest --state needs_review`. Ids in full, for
+    `chartsum show`.
     """
     from pipelines.operations import list_jobs
     from pipelines.runtime import open_store
 
     store = open_store(_settings(ctx))
     try:
-        found = list_jobs(store, states=states, error_code=code, kind=kind, limit=limit)
+        found = list_jobs(
+            store,
+            states=states,
+            error_code=code,
+            kind=kind,
+            limit=limit,
+            latest=latest,
+        )
     finally:
         store.close()
     if as_json:

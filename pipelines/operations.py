@@ -63,6 +63,7 @@ def list_jobs(
     error_code: str | None = None,
     kind: str | None = None,
     limit: int = 50,
+    latest: bool = False,
 ) -> list[JobRow]:
     """The newest jobs, filtered, with their summary's support rate.
 
@@ -72,12 +73,27 @@ def list_jobs(
         error_code: Only jobs that ended with this code (``low_support``).
         kind: Only jobs of this kind (``discharge``, ``longitudinal``).
         limit: Most jobs returned.
+        latest: Only the newest job of each stay (or patient) and kind,
+            before the other filters: a stay summarized again leaves its
+            older job out of the review queue.
     """
+    subject = func.coalesce(Job.stay_id, Job.patient_id)
+    if latest:
+        rank = (
+            func.row_number()
+            .over(
+                partition_by=(subject, Job.kind),
+                order_by=(Job.created_at.desc(), Job.id.desc()),
+            )
+            .label("rank")
+        )
+        ranked = select(Job.id, rank).subquery()
+        newest = select(ranked.c.id).where(ranked.c.rank == 1)
     query = (
         select(
             Job.id,
             Job.kind,
-            func.coalesce(Job.stay_id, Job.patient_id),
+            subject,
             Job.state,
             Job.route,
             Summary.support_rate,
@@ -89,6 +105,8 @@ def list_jobs(
         .order_by(Job.created_at.desc(), Job.id)
         .limit(limit)
     )
+    if latest:
+        query = query.where(Job.id.in_(newest))
     if states:
         query = query.where(Job.state.in_(list(states)))
     if error_code is not None:

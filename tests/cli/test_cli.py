@@ -230,3 +230,33 @@ def test_logs_go_to_stderr_so_piped_output_stays_clean(
     assert "model_not_calibrated" not in result.stdout
     warnings = [json.loads(line) for line in result.stderr.splitlines() if "{" in line]
     assert "model_not_calibrated" in {line.get("event") for line in warnings}
+
+
+def test_jobs_latest_leaves_out_a_stay_s_older_jobs(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A stay summarized twice shows its newer job only, under --latest."""
+    _ingest(env, tmp_path / "stays.jsonl", stay_line("a"), stay_line("b"))
+    with _store(env) as store:
+        [(old, _)] = store.create_jobs(kind="discharge", stay_ids=["a"], queue="q")
+        store.fail_job(old, state=JobState.NEEDS_REVIEW, error_code="x", error="x")
+        [(new, _)] = store.create_jobs(kind="discharge", stay_ids=["a"], queue="q")
+        [(other, _)] = store.create_jobs(kind="discharge", stay_ids=["b"], queue="q")
+        store.fail_job(new, state=JobState.SUCCEEDED, error_code="-", error="-")
+        store.fail_job(other, state=JobState.NEEDS_REVIEW, error_code="x", error="x")
+        with store.engine.begin() as conn:
+            for minutes, job_id in enumerate([old, new, other]):
+                conn.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(created_at=datetime(2026, 1, 1, 0, minutes, tzinfo=UTC))
+                )
+
+    def listed(*args: str) -> list[str]:
+        result = CliRunner().invoke(cli, ["jobs", "--json", *args], env=env)
+        assert result.exit_code == 0, result.output
+        return [json.loads(line)["job_id"] for line in result.stdout.splitlines()]
+
+    assert listed("--state", "needs_review") == [other, old]
+    assert listed("--latest", "--state", "needs_review") == [other]
+    assert listed("--latest") == [other, new]

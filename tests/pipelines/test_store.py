@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select, update
@@ -212,3 +212,29 @@ def test_the_migrations_build_the_schema_the_models_describe(store: ChartStore) 
         drift = compare_metadata(MigrationContext.configure(conn), Base.metadata)
 
     assert drift == []
+
+
+def test_listing_the_latest_jobs_keeps_the_newest_per_stay(store: ChartStore) -> None:
+    """On both databases: a re-summarized stay lists only its newer job."""
+    from pipelines.operations import list_jobs
+
+    store.ingest(parse_stay_lines([stay_line("a"), stay_line("b")]).stays)
+    [(old, _)] = store.create_jobs(kind="discharge", stay_ids=["a"], queue="q")
+    store.fail_job(old, state=JobState.FAILED, error_code="x", error="x")
+    [(new, _)] = store.create_jobs(kind="discharge", stay_ids=["a"], queue="q")
+    [(other, _)] = store.create_jobs(kind="discharge", stay_ids=["b"], queue="q")
+    with store.engine.begin() as conn:
+        for minutes, job_id in enumerate([old, new, other]):
+            conn.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(created_at=datetime(2026, 1, 1, 0, minutes, tzinfo=UTC))
+            )
+
+    every = [row.job_id for row in list_jobs(store)]
+    latest = [row.job_id for row in list_jobs(store, latest=True)]
+    failed_latest = list_jobs(store, latest=True, states=["failed"])
+
+    assert every == [other, new, old]
+    assert latest == [other, new]
+    assert failed_latest == []
