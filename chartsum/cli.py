@@ -12,17 +12,16 @@ from typing import Any
 import click
 import structlog
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
 from chartsum.cli_bench import bench
 from chartsum.cli_calibrate import calibrate
 from chartsum.cli_ops import register as register_ops_commands
+from chartsum.console import console
 from pipelines.errors import ChartsumError, EngineDeadError, RetryableError
 from pipelines.logs import configure_logging
 from schemas.settings import Settings
 
-console = Console()
 log = structlog.get_logger("chartsum.cli")
 
 

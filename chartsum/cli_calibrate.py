@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,6 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from chartsum.console import console
 from pipelines.calibration_report import band_label, format_length
 from schemas.calibration import (
     DEFAULT_CONCURRENCY,
@@ -38,8 +38,6 @@ CALIBRATION_REQUEST_TIMEOUT_S = 3600.0
 
 if TYPE_CHECKING:
     from pipelines.calibration_store import CalibrationStore
-
-console = Console()
 
 
 @click.command()

@@ -11,14 +11,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from chartsum.console import console
 from schemas.settings import Settings
 from schemas.tables import JobState, SummaryKind
-
-console = Console()
 
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 

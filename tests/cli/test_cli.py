@@ -260,3 +260,17 @@ def test_jobs_latest_leaves_out_a_stay_s_older_jobs(
     assert listed("--state", "needs_review") == [other, old]
     assert listed("--latest", "--state", "needs_review") == [other]
     assert listed("--latest") == [other, new]
+
+
+def test_tables_piped_to_a_file_are_wide_enough_for_whole_ids(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a terminal and no COLUMNS: 200 columns, not Rich's 80."""
+    from chartsum import console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(console.sys.stdout, "isatty", lambda: False, raising=False)
+    assert console._width() == console.PIPED_WIDTH
+
+    monkeypatch.setenv("COLUMNS", "100")
+    assert console._width() is None
