@@ -742,11 +742,7 @@ def section_statements(
             failed.append(spec.name)
             statements = []
         found[spec.name] = statements
-    sections, dropped = drop_repeated_statements(
-        found, may_repeat=lambda statement: has_checkable_fact(statement.text)
-    )
-    if dropped:
-        log.info("duplicate_statements_dropped", statements=dropped)
+    sections = say_each_once(found)
     for spec in specs:
         if spec.required and not sections[spec.name]:
             result = results.get(spec.name)
@@ -755,6 +751,22 @@ def section_statements(
                 f"{what}: section {spec.name} has no valid statement ({why})"
             )
     return sections, failed
+
+
+def say_each_once(
+    sections: Mapping[str, list[Statement]],
+) -> dict[str, list[Statement]]:
+    """A summary's sections without repeated statements, on every route.
+
+    ``drop_repeated_statements``, letting a statement that holds a dose,
+    date, number or drug name stand in a second section; logs how many went.
+    """
+    kept, dropped = drop_repeated_statements(
+        sections, may_repeat=lambda statement: has_checkable_fact(statement.text)
+    )
+    if dropped:
+        log.info("duplicate_statements_dropped", statements=dropped)
+    return kept
 
 
 def stay_preamble(chart: Chart) -> str:

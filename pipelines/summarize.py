@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from pipelines.chunked import shared_embedder, summarize_chart_chunked
+from pipelines.chunked import say_each_once, shared_embedder, summarize_chart_chunked
 from pipelines.engine import Completion, CompletionRequest, Engine
 from pipelines.errors import (
     CompletionInvalidError,
@@ -37,16 +37,11 @@ from pipelines.retrieval import Embedder
 from pipelines.routing import EffectiveContext, Route, RouteDecision, choose_route
 from pipelines.stays import Chart
 from pipelines.store import ChartStore, ClaimedJob, NewSummary
-from pipelines.support import SummarySupport, check_summary, has_checkable_fact
+from pipelines.support import SummarySupport, check_summary
 from pipelines.tokens import TokenCounter
 from schemas.longitudinal import SCHEMA_VERSION as LONGITUDINAL_SCHEMA_VERSION
 from schemas.settings import Settings
-from schemas.summary import (
-    SCHEMA_VERSION,
-    DischargeSummary,
-    discharge_json_schema,
-    drop_repeated_statements,
-)
+from schemas.summary import SCHEMA_VERSION, DischargeSummary, discharge_json_schema
 from schemas.tables import JobState, SummaryKind
 
 log = structlog.get_logger("chartsum.job")
@@ -346,18 +341,8 @@ class Summarizer:
                 raise
         except Exception as exc:
             # A bug, not a bad stay: end this job, keep the worker and the
-            # rest of the queue going. Frames only: the exception's message
-            # could quote patient text.
-            log.error(
-                "job_crashed",
-                error_type=type(exc).__name__,
-                traceback="".join(traceback.format_tb(exc.__traceback__)),
-            )
-            crashed = InternalError(
-                f"internal error ({type(exc).__name__}); see the worker log"
-                f" for job {job_id}"
-            )
-            outcome = self._end_permanently(claim, crashed, started)
+            # rest of the queue going.
+            outcome = self._end_permanently(claim, crash_error(exc, job_id), started)
         finally:
             self.leases.drop(claim)
             structlog.contextvars.unbind_contextvars("job_id", "stay_id", "attempt")
@@ -689,17 +674,12 @@ class Summarizer:
                 continue
             finally:
                 _lap(stage_ms, "validate", lap)
-            kept, dropped = drop_repeated_statements(
-                {
-                    name: getattr(summary, name)
-                    for name in DischargeSummary.model_fields
-                },
-                may_repeat=lambda statement: has_checkable_fact(statement.text),
+            sections = {
+                name: getattr(summary, name) for name in DischargeSummary.model_fields
+            }
+            return _Generated(
+                summary.model_copy(update=say_each_once(sections)), completion
             )
-            if dropped:
-                log.info("duplicate_statements_dropped", statements=dropped)
-                summary = summary.model_copy(update=kept)
-            return _Generated(summary, completion)
         raise CompletionInvalidError(
             f"no valid summary after {len(reasons)} generation attempts: "
             + "; ".join(reasons)
@@ -775,6 +755,22 @@ class Summarizer:
             attempt=claim.attempt,
             **extra,
         )
+
+
+def crash_error(exc: Exception, job_id: str) -> InternalError:
+    """Log a job's unexpected exception and give the error that ends the job.
+
+    The log gets the exception type and its frames; neither it nor the job
+    row gets the exception's message, which could quote patient text.
+    """
+    log.error(
+        "job_crashed",
+        error_type=type(exc).__name__,
+        traceback="".join(traceback.format_tb(exc.__traceback__)),
+    )
+    return InternalError(
+        f"internal error ({type(exc).__name__}); see the worker log for job {job_id}"
+    )
 
 
 def support_record(support: SummarySupport, *, min_rate: float) -> dict[str, Any]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import traceback
 from typing import Any
 
 import structlog
 from celery import Celery, Task
 
 from pipelines.errors import EngineDeadError, RetryableError
-from pipelines.summarize import Summarizer
+from pipelines.summarize import Summarizer, crash_error
 from schemas.settings import Settings
 from schemas.tables import JobState
 from workers.constants import (
@@ -191,20 +190,12 @@ def _run(task: Task, summarizer: Summarizer, job_id: str) -> dict[str, Any]:
         # A bug outside the claimed part of process_job (which ends its own
         # claimed jobs): end this job unless a delivery holds a live lease
         # on it, and keep the worker and the rest of the queue going.
-        # Frames only: the exception's message could quote input.
-        log.error(
-            "job_crashed",
-            error_type=type(exc).__name__,
-            traceback="".join(traceback.format_tb(exc.__traceback__)),
-        )
+        crashed = crash_error(exc, job_id)
         summarizer.store.fail_job(
             job_id,
             state=JobState.FAILED,
-            error_code="internal_error",
-            error=(
-                f"internal error ({type(exc).__name__}); see the worker log"
-                f" for job {job_id}"
-            ),
+            error_code=crashed.code,
+            error=str(crashed),
             unleased_only=True,
         )
         return {"job_id": job_id, "state": JobState.FAILED, "ran": True}
