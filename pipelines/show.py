@@ -84,15 +84,15 @@ def _support_by_position(
 
 
 def _unsupported_mark(checked: dict[str, Any]) -> str:
-    missing = [
-        (
-            f"words not in cited notes: {m['text']}"
-            if m["text"]
-            else "nothing the notes could back"
-        )
-        if m["kind"] == "words"
-        else f"{m['kind']} {m['text']}"
-        for m in checked.get("missing", [])
-    ]
+    missing = [_missing_label(m) for m in checked.get("missing", [])]
     missing += [f"unknown note {n}" for n in checked.get("unknown_note_ids", [])]
     return f"[unsupported: {'; '.join(missing) or 'no backing found'}]"
+
+
+def _missing_label(missing: dict[str, str]) -> str:
+    """One missed fact as the mark names it."""
+    if missing["kind"] != "words":
+        return f"{missing['kind']} {missing['text']}"
+    if not missing["text"]:
+        return "nothing the notes could back"
+    return f"words not in cited notes: {missing['text']}"

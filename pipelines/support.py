@@ -325,15 +325,14 @@ def content_stems(text: str) -> dict[str, str]:
     return stems
 
 
-def unfound_words(text: str, evidence_stems: frozenset[str]) -> Fact:
-    """The wording fact of a statement.
+def wording_fact(stems: Mapping[str, str], evidence_stems: frozenset[str]) -> Fact:
+    """The wording fact of a statement, from its ``content_stems``.
 
     Its ``text`` lists the content words the evidence lacks; its
     ``normal`` is ``found/total``. It is backed when at least
     ``MIN_WORDING_SHARE`` of the words are found, and never when there are
     none (``0/0``: the statement says nothing to find).
     """
-    stems = content_stems(text)
     unfound = [word for stem, word in stems.items() if stem not in evidence_stems]
     found = len(stems) - len(unfound)
     return Fact("words", ", ".join(unfound), f"{found}/{len(stems)}")
@@ -361,10 +360,10 @@ def check_statement(
     facts = extract_facts(statement.text, vocabulary=vocabulary)
     evidence = _Evidence.of(cited)
     missing = [fact for fact in facts if not evidence.backs(fact)]
-    wording = unfound_words(statement.text, evidence.stems)
-    words = int(wording.normal.split("/")[1])
+    stems = content_stems(statement.text)
     # A short statement of facts ("Seen on 2020-01-03.") rests on them.
-    if not facts or words >= MIN_WORDING_WORDS:
+    if not facts or len(stems) >= MIN_WORDING_WORDS:
+        wording = wording_fact(stems, evidence.stems)
         facts.append(wording)
         if not evidence.backs(wording):
             missing.append(wording)
