@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
+
+from sqlalchemy import update
 
 from pipelines.engine import Completion, CompletionRequest
 from pipelines.stays import Chart, ChartNote
+from pipelines.store import ChartStore
+from schemas.tables import Job
 
 SYNTHETIC_NOTE = (
     "# Chief Complaint\n- Cough\n\n# Assessment and Plan\n"
@@ -128,3 +132,18 @@ def section_answer(
         return json.dumps({section: [{"text": said, "note_ids": [alias]}]}), "stop"
 
     return answer
+
+
+def space_out_jobs(store: ChartStore, job_ids: Sequence[str]) -> None:
+    """Give the jobs creation times a minute apart, in this order.
+
+    SQLite's clock has whole seconds, so jobs made in one test would
+    otherwise tie on ``created_at``.
+    """
+    with store.engine.begin() as conn:
+        for minutes, job_id in enumerate(job_ids):
+            conn.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(created_at=datetime(2026, 1, 1, 0, minutes, tzinfo=UTC))
+            )

@@ -5,20 +5,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import update
 
 from chartsum.cli import cli
 from pipelines.errors import ModelPrepareError
 from pipelines.runtime import open_store
 from pipelines.store import ChartStore
 from schemas.settings import Settings
-from schemas.tables import Job, JobState
-from tests.helpers import stay_line
+from schemas.tables import JobState
+from tests.helpers import space_out_jobs, stay_line
 
 
 @pytest.fixture
@@ -34,6 +32,13 @@ def _ingest(env: dict[str, str], path: Path, *lines: str) -> Result:
     """Write the stay lines to ``path`` and run `chartsum ingest` on it."""
     path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
     return CliRunner().invoke(cli, ["ingest", str(path)], env=env)
+
+
+def _listed_job_ids(env: dict[str, str], *args: str) -> list[str]:
+    """The job ids `chartsum jobs --json ARGS` prints, in its order."""
+    result = CliRunner().invoke(cli, ["jobs", "--json", *args], env=env)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line)["job_id"] for line in result.stdout.splitlines()]
 
 
 @contextmanager
@@ -183,23 +188,11 @@ def test_jobs_are_listed_newest_first_and_narrowed_by_kind_and_limit(
         [(patient, _)] = store.create_patient_jobs(
             kind="longitudinal", patient_ids=["t-patient-1"], queue="q"
         )
-        # SQLite's clock has whole seconds: space the jobs out by hand.
-        with store.engine.begin() as conn:
-            for minutes, job_id in enumerate([first, second, patient]):
-                conn.execute(
-                    update(Job)
-                    .where(Job.id == job_id)
-                    .values(created_at=datetime(2026, 1, 1, 0, minutes, tzinfo=UTC))
-                )
+        space_out_jobs(store, [first, second, patient])
 
-    def listed(*args: str) -> list[str]:
-        result = CliRunner().invoke(cli, ["jobs", "--json", *args], env=env)
-        assert result.exit_code == 0, result.output
-        return [json.loads(line)["job_id"] for line in result.stdout.splitlines()]
-
-    assert listed() == [patient, second, first]
-    assert listed("--limit", "2") == [patient, second]
-    assert listed("--kind", "longitudinal") == [patient]
+    assert _listed_job_ids(env) == [patient, second, first]
+    assert _listed_job_ids(env, "--limit", "2") == [patient, second]
+    assert _listed_job_ids(env, "--kind", "longitudinal") == [patient]
 
 
 def test_logs_go_to_stderr_so_piped_output_stays_clean(
@@ -244,22 +237,11 @@ def test_jobs_latest_leaves_out_a_stay_s_older_jobs(
         [(other, _)] = store.create_jobs(kind="discharge", stay_ids=["b"], queue="q")
         store.fail_job(new, state=JobState.SUCCEEDED, error_code="-", error="-")
         store.fail_job(other, state=JobState.NEEDS_REVIEW, error_code="x", error="x")
-        with store.engine.begin() as conn:
-            for minutes, job_id in enumerate([old, new, other]):
-                conn.execute(
-                    update(Job)
-                    .where(Job.id == job_id)
-                    .values(created_at=datetime(2026, 1, 1, 0, minutes, tzinfo=UTC))
-                )
+        space_out_jobs(store, [old, new, other])
 
-    def listed(*args: str) -> list[str]:
-        result = CliRunner().invoke(cli, ["jobs", "--json", *args], env=env)
-        assert result.exit_code == 0, result.output
-        return [json.loads(line)["job_id"] for line in result.stdout.splitlines()]
-
-    assert listed("--state", "needs_review") == [other, old]
-    assert listed("--latest", "--state", "needs_review") == [other]
-    assert listed("--latest") == [other, new]
+    assert _listed_job_ids(env, "--state", "needs_review") == [other, old]
+    assert _listed_job_ids(env, "--latest", "--state", "needs_review") == [other]
+    assert _listed_job_ids(env, "--latest") == [other, new]
 
 
 def test_tables_piped_to_a_file_are_wide_enough_for_whole_ids(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
@@ -14,7 +14,7 @@ from pipelines.errors import StayNotFoundError
 from pipelines.stays import parse_stay_lines
 from pipelines.store import ChartStore, NewSummary, utcnow
 from schemas.tables import Job, JobState, Summary
-from tests.helpers import stay_dict, stay_line
+from tests.helpers import space_out_jobs, stay_dict, stay_line
 
 
 def _ingest(store: ChartStore, *lines: str) -> None:
@@ -223,13 +223,7 @@ def test_listing_the_latest_jobs_keeps_the_newest_per_stay(store: ChartStore) ->
     store.fail_job(old, state=JobState.FAILED, error_code="x", error="x")
     [(new, _)] = store.create_jobs(kind="discharge", stay_ids=["a"], queue="q")
     [(other, _)] = store.create_jobs(kind="discharge", stay_ids=["b"], queue="q")
-    with store.engine.begin() as conn:
-        for minutes, job_id in enumerate([old, new, other]):
-            conn.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(created_at=datetime(2026, 1, 1, 0, minutes, tzinfo=UTC))
-            )
+    space_out_jobs(store, [old, new, other])
 
     every = [row.job_id for row in list_jobs(store)]
     latest = [row.job_id for row in list_jobs(store, latest=True)]

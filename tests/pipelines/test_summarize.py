@@ -16,11 +16,11 @@ from pipelines.routing import EffectiveContext
 from pipelines.show import render_summary
 from pipelines.stays import parse_stay_lines
 from pipelines.store import ChartStore
-from pipelines.summarize import Summarizer
+from pipelines.summarize import JobOutcome, Summarizer
 from pipelines.tokens import TokenCounter
 from schemas.settings import Settings
 from schemas.summary import DischargeSummary
-from schemas.tables import JobState
+from schemas.tables import Job, JobState, Summary
 from tests.helpers import ScriptedEngine, section_answer, stay_line, summary_json
 
 
@@ -133,29 +133,42 @@ def test_a_context_too_short_even_for_one_chunk_fails_with_the_limit(
     assert "effective context 500" in (job.error or "")
 
 
+def _stored(
+    store: ChartStore, model_dir: Path, answer: str
+) -> tuple[JobOutcome, tuple[Summary, Job]]:
+    """Run one job whose engine always answers ``answer``; its stored summary."""
+    job_id = _job(store)
+    engine = ScriptedEngine(lambda _request: (answer, "stop"))
+
+    outcome = _summarizer(store, engine, model_dir).process_job(job_id)
+
+    found = store.find_summary(job_id)
+    assert found is not None
+    return outcome, found
+
+
+def _shown(found: tuple[Summary, Job]) -> str:
+    """The summary as `chartsum show` prints it."""
+    console = Console(record=True, width=200)
+    console.print(render_summary(*found))
+    return console.export_text()
+
+
 def test_a_summary_under_the_support_rate_is_stored_for_review(
     sqlite_store: ChartStore, model_dir: Path
 ) -> None:
     """A dose the notes never mention: stored, flagged, job needs_review."""
-    body = summary_json("N1")
-    engine = ScriptedEngine(
-        lambda _request: (
-            body.replace("Admitted for acute bronchitis.", "Given warfarin 5 mg."),
-            "stop",
-        )
+    answer = summary_json("N1").replace(
+        "Admitted for acute bronchitis.", "Given warfarin 5 mg."
     )
-    job_id = _job(sqlite_store)
 
-    outcome = _summarizer(sqlite_store, engine, model_dir).process_job(job_id)
+    outcome, (summary, job) = _stored(sqlite_store, model_dir, answer)
 
-    job = sqlite_store.get_job(job_id)
-    found = sqlite_store.find_summary(job_id)
-    assert job is not None and found is not None
     assert (outcome.state, job.error_code) == (JobState.NEEDS_REVIEW, "low_support")
     assert "hospital_course[0]" in (job.error or "")
     assert "warfarin" not in (job.error or "")
-    assert found[0].support_rate == 0.0
-    [statement] = found[0].support["statements"]
+    assert summary.support_rate == 0.0
+    [statement] = summary.support["statements"]
     assert statement["supported"] is False
     assert {m["kind"] for m in statement["missing"]} == {"dose", "medication"}
 
@@ -164,22 +177,14 @@ def test_a_supported_summary_stores_its_support_rate(
     sqlite_store: ChartStore, model_dir: Path
 ) -> None:
     """Facts found in the cited note: rate 1.0, job succeeded."""
-    engine = ScriptedEngine(
-        lambda _request: (
-            summary_json("N1").replace(
-                "Admitted for acute bronchitis.", "Started amoxicillin 500 mg."
-            ),
-            "stop",
-        )
+    answer = summary_json("N1").replace(
+        "Admitted for acute bronchitis.", "Started amoxicillin 500 mg."
     )
-    job_id = _job(sqlite_store)
 
-    outcome = _summarizer(sqlite_store, engine, model_dir).process_job(job_id)
+    outcome, (summary, _) = _stored(sqlite_store, model_dir, answer)
 
-    found = sqlite_store.find_summary(job_id)
-    assert found is not None
     assert (outcome.state, outcome.support_rate) == (JobState.SUCCEEDED, 1.0)
-    assert found[0].support_rate == 1.0
+    assert summary.support_rate == 1.0
 
 
 def test_filler_is_stored_as_unsupported_and_shown_with_its_words(
@@ -187,18 +192,10 @@ def test_filler_is_stored_as_unsupported_and_shown_with_its_words(
 ) -> None:
     """A statement with no fact but not worded from its note counts against."""
     filler = "The details of the excerpt are incomplete."
-    engine = ScriptedEngine(
-        lambda _request: (
-            summary_json("N1", follow_up=[{"text": filler, "note_ids": ["N1"]}]),
-            "stop",
-        )
-    )
-    job_id = _job(sqlite_store)
+    answer = summary_json("N1", follow_up=[{"text": filler, "note_ids": ["N1"]}])
 
-    outcome = _summarizer(sqlite_store, engine, model_dir).process_job(job_id)
+    outcome, found = _stored(sqlite_store, model_dir, answer)
 
-    found = sqlite_store.find_summary(job_id)
-    assert found is not None
     assert (outcome.state, outcome.support_rate) == (JobState.SUCCEEDED, 0.5)
     course, follow_up = found[0].support["statements"]
     assert (course["section"], course["supported"]) == ("hospital_course", True)
@@ -206,9 +203,7 @@ def test_filler_is_stored_as_unsupported_and_shown_with_its_words(
     assert follow_up["missing"] == [
         {"kind": "words", "text": "details, excerpt, incomplete"}
     ]
-    console = Console(record=True, width=200)
-    console.print(render_summary(*found))
-    text = console.export_text()
+    text = _shown(found)
     assert (
         "[unsupported: words not in cited notes: details, excerpt, incomplete]" in text
     )
@@ -219,22 +214,12 @@ def test_a_summary_that_says_nothing_ends_needs_review(
     sqlite_store: ChartStore, model_dir: Path
 ) -> None:
     """A whole summary of "no" has nothing a note backs: rate 0, flagged."""
-    engine = ScriptedEngine(
-        lambda _request: (
-            summary_json("N1").replace("Admitted for acute bronchitis.", "no"),
-            "stop",
-        )
-    )
-    job_id = _job(sqlite_store)
+    answer = summary_json("N1").replace("Admitted for acute bronchitis.", "no")
 
-    outcome = _summarizer(sqlite_store, engine, model_dir).process_job(job_id)
+    outcome, found = _stored(sqlite_store, model_dir, answer)
 
-    found = sqlite_store.find_summary(job_id)
-    assert found is not None
     assert (outcome.state, outcome.support_rate) == (JobState.NEEDS_REVIEW, 0.0)
-    console = Console(record=True, width=200)
-    console.print(render_summary(*found))
-    assert "[unsupported: nothing the notes could back]" in console.export_text()
+    assert "[unsupported: nothing the notes could back]" in _shown(found)
 
 
 def test_a_statement_repeated_across_sections_is_stored_once(
@@ -243,31 +228,23 @@ def test_a_statement_repeated_across_sections_is_stored_once(
     """A statement without facts is kept once; one with a dose once per section."""
     repeated = {"text": "Admitted for acute bronchitis.", "note_ids": ["N1"]}
     dose = {"text": "Started amoxicillin 500 mg.", "note_ids": ["N1"]}
-    engine = ScriptedEngine(
-        lambda _request: (
-            summary_json(
-                "N1",
-                discharge_medications=[dose, dose],
-                follow_up=[repeated, dose],
-                disposition=[repeated],
-            ),
-            "stop",
-        )
+    answer = summary_json(
+        "N1",
+        discharge_medications=[dose, dose],
+        follow_up=[repeated, dose],
+        disposition=[repeated],
     )
-    job_id = _job(sqlite_store)
 
-    _summarizer(sqlite_store, engine, model_dir).process_job(job_id)
+    _, (stored, _) = _stored(sqlite_store, model_dir, answer)
 
-    found = sqlite_store.find_summary(job_id)
-    assert found is not None
-    summary = DischargeSummary.model_validate(found[0].payload)
+    summary = DischargeSummary.model_validate(stored.payload)
     # The stock sentence once; the dose once per section it was put in.
     assert [(name, s.text) for name, _, s in summary.statements()] == [
         ("hospital_course", "Admitted for acute bronchitis."),
         ("discharge_medications", "Started amoxicillin 500 mg."),
         ("follow_up", "Started amoxicillin 500 mg."),
     ]
-    assert len(found[0].support["statements"]) == 3
+    assert len(stored.support["statements"]) == 3
 
 
 def test_an_engine_outage_hands_the_job_back_for_a_retry(
