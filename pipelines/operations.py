@@ -78,17 +78,6 @@ def list_jobs(
             older job out of the review queue.
     """
     subject = func.coalesce(Job.stay_id, Job.patient_id)
-    if latest:
-        rank = (
-            func.row_number()
-            .over(
-                partition_by=(subject, Job.kind),
-                order_by=(Job.created_at.desc(), Job.id.desc()),
-            )
-            .label("rank")
-        )
-        ranked = select(Job.id, rank).subquery()
-        newest = select(ranked.c.id).where(ranked.c.rank == 1)
     query = (
         select(
             Job.id,
@@ -106,7 +95,12 @@ def list_jobs(
         .limit(limit)
     )
     if latest:
-        query = query.where(Job.id.in_(newest))
+        rank = func.row_number().over(
+            partition_by=(subject, Job.kind),
+            order_by=(Job.created_at.desc(), Job.id.desc()),
+        )
+        ranked = select(Job.id, rank.label("rank")).subquery()
+        query = query.where(Job.id.in_(select(ranked.c.id).where(ranked.c.rank == 1)))
     if states:
         query = query.where(Job.state.in_(list(states)))
     if error_code is not None:

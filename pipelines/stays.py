@@ -11,16 +11,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from schemas.stay import ID_PATTERN, StayRecord
+from schemas.stay import RecordId, StayRecord
 
 # NUL and other C0/C1 control characters have no meaning in a note and
 # PostgreSQL cannot store NUL; tab, newline and carriage return are kept.
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 #: Bytes that are not UTF-8, as ``surrogateescape`` decoding keeps them.
 _UNDECODED = re.compile("[\udc80-\udcff]")
-_ID = re.compile(ID_PATTERN)
+_RECORD_ID: TypeAdapter[str] = TypeAdapter(RecordId)
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ def _parse_data(
     # Named in the error only when it looks like an id: a malformed one
     # could be anything, note text included.
     stay_id = data.get("stay_id")
-    if not isinstance(stay_id, str) or not _ID.fullmatch(stay_id):
+    if not _is_record_id(stay_id):
         stay_id = None
     removed = _clean_notes(data)
     try:
@@ -265,6 +265,14 @@ def _parse_data(
             reason += f" (and {len(exc.errors()) - 1} more)"
         return None, LineError(number, where, reason, stay_id), removed
     return record, None, removed
+
+
+def _is_record_id(value: Any) -> bool:
+    try:
+        _RECORD_ID.validate_python(value, strict=True)
+    except ValidationError:
+        return False
+    return True
 
 
 def _clean_notes(data: dict[str, Any]) -> int:

@@ -20,9 +20,6 @@ from pydantic import (
     model_validator,
 )
 
-#: What an id may be: letters, digits and ``._:-``, 1 to 128 characters.
-ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
-
 #: Ids are opaque keys: letters, digits and ``._:-``, at most 128 characters.
 RecordId = Annotated[
     str,
