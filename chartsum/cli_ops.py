@@ -228,11 +228,7 @@ def jobs(
         store.close()
     if as_json:
         for row in found:
-            record = dataclasses.asdict(row)
-            for key in ("created_at", "finished_at"):
-                moment = record[key]
-                record[key] = moment.isoformat() if moment is not None else None
-            click.echo(json.dumps(record))
+            click.echo(json.dumps(dataclasses.asdict(row), default=datetime.isoformat))
         return
     # Plain columns, one job per line, nothing cut: made to grep and paste.
     line = "{:<36}  {:<12}  {:<11}  {:>7}  {:<20}  {:<12}  {}"
