@@ -6,13 +6,18 @@ import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import update
 
 from pipelines.engine import Completion, CompletionRequest
+from pipelines.routing import EffectiveContext
 from pipelines.stays import Chart, ChartNote
 from pipelines.store import ChartStore
+from pipelines.summarize import Summarizer
+from pipelines.tokens import TokenCounter
+from schemas.settings import Settings
 from schemas.tables import Job
 
 SYNTHETIC_NOTE = (
@@ -147,3 +152,23 @@ def space_out_jobs(store: ChartStore, job_ids: Sequence[str]) -> None:
                 .where(Job.id == job_id)
                 .values(created_at=datetime(2026, 1, 1, 0, minutes, tzinfo=UTC))
             )
+
+
+def scripted_summarizer(
+    store: ChartStore,
+    engine: ScriptedEngine,
+    model_dir: Path,
+    *,
+    settings: Settings | None = None,
+    context_tokens: int = 8192,
+) -> Summarizer:
+    """A worker's Summarizer on a scripted engine and the embedded tokenizer."""
+    return Summarizer(
+        settings=settings or Settings(),
+        store=store,
+        engine=engine,
+        tokens=TokenCounter.from_model_dir(model_dir),
+        model_fingerprint="f" * 64,
+        context=EffectiveContext(tokens=context_tokens, source="test"),
+        embedder=lambda: None,
+    )

@@ -14,14 +14,12 @@ from sqlalchemy import func, select, update
 
 from pipelines.engine import CompletionRequest
 from pipelines.errors import EngineUnavailableError, StoreUnavailableError
-from pipelines.routing import EffectiveContext
 from pipelines.stays import parse_stay_lines
 from pipelines.store import ChartStore, ClaimedJob, utcnow
 from pipelines.summarize import JobOutcome, LeaseRenewer, Summarizer
-from pipelines.tokens import TokenCounter
 from schemas.settings import PipelineSettings, Settings
 from schemas.tables import Job, JobState, Summary
-from tests.helpers import ScriptedEngine, stay_line, summary_json
+from tests.helpers import ScriptedEngine, scripted_summarizer, stay_line, summary_json
 from tests.pipelines.test_store import _summary
 
 #: Short enough that a job outlives it within a test; long enough that a
@@ -82,15 +80,8 @@ def _renewer_threads() -> list[threading.Thread]:
 def _summarizer(
     store: ChartStore, engine: ScriptedEngine, model_dir: Path, *, lease_s: int
 ) -> Summarizer:
-    return Summarizer(
-        settings=Settings(pipeline=PipelineSettings(job_lease_s=lease_s)),
-        store=store,
-        engine=engine,
-        tokens=TokenCounter.from_model_dir(model_dir),
-        model_fingerprint="f" * 64,
-        context=EffectiveContext(tokens=8192, source="test"),
-        embedder=lambda: None,
-    )
+    settings = Settings(pipeline=PipelineSettings(job_lease_s=lease_s))
+    return scripted_summarizer(store, engine, model_dir, settings=settings)
 
 
 # The store's side.

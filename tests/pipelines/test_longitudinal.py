@@ -8,17 +8,21 @@ from pathlib import Path
 from rich.console import Console
 
 from pipelines.longitudinal import check_longitudinal
-from pipelines.routing import EffectiveContext
 from pipelines.show import render_summary
 from pipelines.stays import parse_stay_lines, read_stays_file, stays_from_longitudinal
 from pipelines.store import ChartStore
 from pipelines.summarize import Summarizer
 from pipelines.tokens import TokenCounter
 from schemas.longitudinal import LongitudinalSummary
-from schemas.settings import Settings
 from schemas.tables import JobState, SummaryKind
 from tests.conftest import SHARED_DATA
-from tests.helpers import ScriptedEngine, section_answer, stay_dict, summary_json
+from tests.helpers import (
+    ScriptedEngine,
+    scripted_summarizer,
+    section_answer,
+    stay_dict,
+    summary_json,
+)
 
 #: Words only in stay a's note and only in its stored summary.
 NOTE_CANARY = "ZEBRANOTE"
@@ -93,15 +97,7 @@ def test_the_shared_longitudinal_records_all_ingest() -> None:
 def _summarizer(
     store: ChartStore, engine: ScriptedEngine, model_dir: Path
 ) -> Summarizer:
-    return Summarizer(
-        settings=Settings(),
-        store=store,
-        engine=engine,
-        tokens=TokenCounter.from_model_dir(model_dir),
-        model_fingerprint="f" * 64,
-        context=EffectiveContext(tokens=4096, source="test"),
-        embedder=lambda: None,
-    )
+    return scripted_summarizer(store, engine, model_dir, context_tokens=4096)
 
 
 def _three_stays(store: ChartStore) -> None:

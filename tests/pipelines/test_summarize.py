@@ -12,16 +12,20 @@ from rich.console import Console
 
 from pipelines.engine import CompletionRequest
 from pipelines.errors import EngineUnavailableError
-from pipelines.routing import EffectiveContext
 from pipelines.show import render_summary
 from pipelines.stays import parse_stay_lines
 from pipelines.store import ChartStore
 from pipelines.summarize import JobOutcome, Summarizer
 from pipelines.tokens import TokenCounter
-from schemas.settings import Settings
 from schemas.summary import DischargeSummary
 from schemas.tables import Job, JobState, Summary
-from tests.helpers import ScriptedEngine, section_answer, stay_line, summary_json
+from tests.helpers import (
+    ScriptedEngine,
+    scripted_summarizer,
+    section_answer,
+    stay_line,
+    summary_json,
+)
 
 
 def _summarizer(
@@ -31,16 +35,7 @@ def _summarizer(
     *,
     context_tokens: int = 8192,
 ) -> Summarizer:
-    settings = Settings()
-    return Summarizer(
-        settings=settings,
-        store=store,
-        engine=engine,
-        tokens=TokenCounter.from_model_dir(model_dir),
-        model_fingerprint="f" * 64,
-        context=EffectiveContext(tokens=context_tokens, source="test"),
-        embedder=lambda: None,
-    )
+    return scripted_summarizer(store, engine, model_dir, context_tokens=context_tokens)
 
 
 def _job(store: ChartStore) -> str:

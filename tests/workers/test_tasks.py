@@ -17,13 +17,11 @@ from pipelines.errors import (
     EngineUnavailableError,
     StoreUnavailableError,
 )
-from pipelines.routing import EffectiveContext
 from pipelines.stays import parse_stay_lines
 from pipelines.store import ChartStore
 from pipelines.summarize import Summarizer
-from pipelines.tokens import TokenCounter
 from schemas.settings import Settings
-from tests.helpers import ScriptedEngine, stay_line
+from tests.helpers import ScriptedEngine, scripted_summarizer, stay_line
 from workers import tasks
 
 
@@ -87,15 +85,7 @@ def _real_summarizer(
     model_dir: Path,
     answer: Callable[[CompletionRequest], tuple[str, str]],
 ) -> Summarizer:
-    return Summarizer(
-        settings=Settings(),
-        store=store,
-        engine=ScriptedEngine(answer),
-        tokens=TokenCounter.from_model_dir(model_dir),
-        model_fingerprint="f" * 64,
-        context=EffectiveContext(tokens=8192, source="test"),
-        embedder=lambda: None,
-    )
+    return scripted_summarizer(store, ScriptedEngine(answer), model_dir)
 
 
 def _raise(error: Exception) -> Callable[[CompletionRequest], tuple[str, str]]:
@@ -207,7 +197,6 @@ def test_a_message_sent_to_the_backfill_queue_lands_only_there(redis_url: str) -
     """In real Redis the backfill list grows by one, the realtime list not at all."""
     import redis
 
-    from schemas.settings import Settings
     from workers.app import create_app
     from workers.constants import QUEUE_BACKFILL, QUEUE_REALTIME, TASK_SUMMARIZE
 
